@@ -1,0 +1,323 @@
+"""torch.distributed set-up, a gradient-preserving all-gather, and global BatchNorm.
+
+One code path serves a single CPU process, ``torchrun --nproc-per-node K`` on gloo, and a
+multi-node PyTorchJob on NCCL: every entry point calls :func:`init_distributed`, which
+reads the standard environment (``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``) that both torchrun and the Kubeflow Training Operator set, and does nothing
+when there is no such environment.
+
+Global BN: SimCLR computes BatchNorm statistics over the whole global batch of 2N views.
+torch's :class:`~torch.nn.SyncBatchNorm` does that on CUDA but refuses CPU tensors, so
+:class:`GlobalBatchNorm` is an autograd-correct implementation built on
+:func:`all_gather_with_grad` that runs on any backend (gloo included).
+:func:`convert_to_global_bn` picks the right one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "destroy_distributed",
+    "get_world_size",
+    "get_rank",
+    "all_gather_with_grad",
+    "GlobalBatchNorm",
+    "convert_to_global_bn",
+]
+
+# Elastic launches (the Training Operator with elasticPolicy, torchrun's own agent) may
+# hand the rendezvous over as PET_* variables; the plain name wins where both are set.
+_ENV_FALLBACKS = {
+    "MASTER_ADDR": "PET_MASTER_ADDR",
+    "MASTER_PORT": "PET_MASTER_PORT",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank, 0 .. world_size - 1.
+        world_size: number of processes in the job (1 without torch.distributed).
+        local_rank: rank on this node; selects the CUDA device.
+        backend: "nccl", "gloo", or None for a single process.
+        device: the device this process computes on.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_distributed(
+    backend: str | None = None,
+    device: str | None = None,
+    timeout_s: float = 1800.0,
+) -> DistEnv:
+    """Initialise torch.distributed from the environment, or not at all.
+
+    Args:
+        backend: "nccl" or "gloo"; default NCCL when CUDA is available, else gloo.
+        device: "cpu" or "cuda"; default CUDA when available.
+        timeout_s: collective timeout in seconds.
+
+    Returns:
+        the :class:`DistEnv` of this process. With ``WORLD_SIZE`` unset or 1 no process
+        group is created and the result describes a single process.
+
+    Raises:
+        ValueError: when the environment is inconsistent (rank out of range, missing
+            MASTER_ADDR/MASTER_PORT with WORLD_SIZE > 1, NCCL without CUDA).
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK must be in [0, WORLD_SIZE={world_size}), got {rank}")
+
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        compute_device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        compute_device = torch.device("cpu")
+
+    if world_size == 1:
+        return DistEnv(0, 1, 0, None, compute_device)
+
+    for name, fallback in _ENV_FALLBACKS.items():
+        if not os.environ.get(name) and os.environ.get(fallback):
+            os.environ[name] = os.environ[fallback]
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set; launch with "
+            "torchrun or set the rendezvous variables the Training Operator sets"
+        )
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=compute_device if use_cuda else None,
+        )
+    return DistEnv(rank, world_size, local_rank, backend, compute_device)
+
+
+def destroy_distributed() -> None:
+    """Tear down the process group if one exists (safe to call in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_world_size() -> int:
+    """World size of the default process group, 1 when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def get_rank() -> int:
+    """Rank in the default process group, 0 when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each slice's gradient back to the rank that owns it.
+
+    Forward: (N, ...) per rank -> (W, N, ...) on every rank.
+    Backward: every rank holds d(its loss)/d(all slices); these are summed over ranks
+    (all_reduce) and each rank keeps its own slice, i.e. the gradient of the SUM of the
+    per-rank losses. Uses all_reduce rather than reduce_scatter because gloo has no
+    reduce_scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world_size = dist.get_world_size()
+        # The concatenated (W*N, ...) form is the one every backend accepts (gloo included).
+        gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_single(gathered, tensor.contiguous())
+        return gathered.view(world_size, *tensor.shape)
+
+    @staticmethod
+    def backward(ctx, grad_gathered: torch.Tensor) -> torch.Tensor:
+        grad_gathered = grad_gathered.contiguous()
+        dist.all_reduce(grad_gathered, op=dist.ReduceOp.SUM)
+        return grad_gathered[dist.get_rank()]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Gather ``tensor`` from every rank, keeping a gradient path to each owner.
+
+    Args:
+        tensor: (N, ...) on this rank; N must be the same on every rank.
+
+    Returns:
+        (W * N, ...): rank 0's rows first, then rank 1's, ... With no process group it
+        returns ``tensor`` itself. Gradients flowing into the result reach each owner's
+        ``tensor`` summed over all ranks' losses (the convention DistributedDataParallel's
+        gradient averaging expects: see :class:`simclr_core.loss.NTXentLoss`).
+    """
+    if get_world_size() == 1:
+        return tensor
+    gathered = _AllGatherWithGrad.apply(tensor)
+    return gathered.reshape(-1, *tensor.shape[1:])
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the batch of every rank, on any backend.
+
+    Accepts (N, C) or (N, C, *) inputs like BatchNorm1d/2d/3d. In training mode each rank
+    computes its per-channel count, mean and centred sum of squares, all ranks exchange them
+    with :func:`all_gather_with_grad` (one collective forward, one backward) and combine them
+    exactly (Chan et al.'s parallel variance), so outputs, running statistics and gradients
+    equal a plain BatchNorm applied to the concatenation of all ranks' batches. In eval mode
+    (or with no process group) it is an ordinary BatchNorm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got shape {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training or get_world_size() == 1:
+            return super().forward(input)
+        return self._forward_global(input)
+
+    def _forward_global(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        reduce_dims = [0, *range(2, x.dim())]
+        x32 = x.float()
+        count = torch.tensor(x.numel() / channels, dtype=torch.float32, device=x.device)
+        local_mean = x32.mean(dim=reduce_dims)  # (C,)
+        local_m2 = (x32 - _per_channel(local_mean, x.dim())).square().sum(dim=reduce_dims)  # (C,)
+        stats = torch.cat([count.reshape(1), local_mean, local_m2])  # (1 + 2C,)
+        all_stats = all_gather_with_grad(stats.unsqueeze(0))  # (W, 1 + 2C)
+        counts = all_stats[:, :1]  # (W, 1)
+        means = all_stats[:, 1 : 1 + channels]  # (W, C)
+        m2s = all_stats[:, 1 + channels :]  # (W, C)
+        total = counts.sum()
+        mean = (counts * means).sum(dim=0) / total  # (C,)
+        m2 = (m2s + counts * (means - mean).square()).sum(dim=0)  # (C,)
+        var = m2 / total  # biased, used to normalise
+
+        if self.track_running_stats and self.running_mean is not None:
+            self._update_running_stats(mean.detach(), (m2 / (total - 1).clamp(min=1)).detach())
+
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        out = x32 * _per_channel(scale, x.dim()) + _per_channel(shift, x.dim())
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as in nn.BatchNorm
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
+def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) -> (1, C, 1, ...) broadcastable against an ndim-dimensional (N, C, ...) tensor."""
+    return values.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def convert_to_global_bn(module: nn.Module, env: DistEnv | None = None) -> nn.Module:
+    """Make every BatchNorm in ``module`` compute its statistics over the global batch.
+
+    Single process: returns ``module`` unchanged (local BN already is global).
+    NCCL/CUDA: torch's :class:`~torch.nn.SyncBatchNorm`.
+    Any other backend (gloo on CPU): :class:`GlobalBatchNorm`.
+    Parameters, buffers and train/eval state are carried over.
+    """
+    backend = env.backend if env is not None else (dist.get_backend() if get_world_size() > 1 else None)
+    world_size = env.world_size if env is not None else get_world_size()
+    if world_size == 1:
+        return module
+    if backend == "nccl":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _replace_bn(module)
+
+
+def _replace_bn(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+        converted.to(device=_module_device(module))
+        with torch.no_grad():
+            if module.affine:
+                converted.weight.copy_(module.weight)
+                converted.bias.copy_(module.bias)
+                converted.weight.requires_grad_(module.weight.requires_grad)
+                converted.bias.requires_grad_(module.bias.requires_grad)
+            if module.track_running_stats:
+                converted.running_mean.copy_(module.running_mean)
+                converted.running_var.copy_(module.running_var)
+                converted.num_batches_tracked.copy_(module.num_batches_tracked)
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, _replace_bn(child))
+    return module
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,58 @@
+"""Run a function in several gloo processes, the way torchrun or the Training Operator would.
+
+Each process gets the standard environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
+LOCAL_RANK) and calls :func:`simclr_core.distributed.init_distributed` itself, so the tests
+go through the same set-up as training. Results come back as whatever the worker returns.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from simclr_core.distributed import destroy_distributed, init_distributed
+
+    try:
+        env = init_distributed(backend="gloo", device="cpu", timeout_s=120)
+        result = fn(env, *args)
+        torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"{rank}.pt"))
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
+        raise
+    finally:
+        destroy_distributed()
+
+
+def run_workers(fn, world_size: int, *args) -> list:
+    """Run ``fn(env, *args)`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
+
+    ``fn`` must be a module-level function (it is pickled by reference for spawn).
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        outcomes = [torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
+    for rank, outcome in enumerate(outcomes):
+        if not outcome["ok"]:
+            raise AssertionError(f"rank {rank} failed:\n{outcome['error']}")
+    return [outcome["result"] for outcome in outcomes]
