@@ -409,47 +409,27 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shift`` turns (in [-0.5, 0.5]) through HSV."""
-    hue, saturation, value = _rgb_to_hsv(x)
-    hue = torch.remainder(hue + _per_image(shift).squeeze(1), 1.0)
-    return _hsv_to_rgb(hue, saturation, value)
+    """Rotate each image's hue by ``shift`` turns (in [-0.5, 0.5]); x (B, 3, H, W), shift (B,).
+
+    The HSV round trip of torchvision's ``adjust_hue`` without materialising H, S and V: a hue
+    rotation keeps each pixel's max (V) and chroma C = max - min, so with the hexagonal hue
+    6H = (g - b) / C if r is the max, 2 + (b - r) / C if g is, 4 + (r - g) / C otherwise, the
+    result is channel_n = max - C * clip(2 - |k - 2|, 0, 1), k = (n + 6H') mod 6, n = 5, 3, 1
+    for R, G, B. (Element-wise ops on channel slices: reductions over dim 1 are slow on CPU.)
+    """
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]  # (B, H, W) each
+    max_c = torch.maximum(torch.maximum(r, g), b)
+    chroma = max_c - torch.minimum(torch.minimum(r, g), b)
+    numerator = torch.where(r == max_c, g - b, torch.where(g == max_c, 2.0 * chroma + b - r, 4.0 * chroma + r - g))
+    hue6 = numerator / torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # 6H, in [-1, 5]
+    hue6 = hue6 + 6.0 * shift.to(x.dtype).view(-1, 1, 1)
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(hue6.unsqueeze(1) + offsets, 6.0)  # (B, 3, H, W)
+    ramp = (2.0 - (k - 2.0).abs_()).clamp_(0.0, 1.0)
+    return max_c.unsqueeze(1) - chroma.unsqueeze(1) * ramp
 
 
 _JITTER_FUNCTIONS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, 3, H, W) RGB in [0, 1] -> hue in [0, 1) turns, saturation, value: each (B, H, W)."""
-    r, g, b = x.unbind(dim=1)
-    max_c, _ = x.max(dim=1)
-    min_c, _ = x.min(dim=1)
-    chroma = max_c - min_c
-    equal = chroma == 0
-    saturation = chroma / torch.where(max_c == 0, torch.ones_like(max_c), max_c)
-    safe_chroma = torch.where(equal, torch.ones_like(chroma), chroma)
-    rc = (max_c - r) / safe_chroma
-    gc = (max_c - g) / safe_chroma
-    bc = (max_c - b) / safe_chroma
-    hr = (max_c == r) * (bc - gc)
-    hg = ((max_c == g) & (max_c != r)) * (2.0 + rc - bc)
-    hb = ((max_c != g) & (max_c != r)) * (4.0 + gc - rc)
-    hue = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return hue, saturation, max_c
-
-
-def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_rgb_to_hsv`: three (B, H, W) -> (B, 3, H, W)."""
-    sector = torch.floor(hue * 6.0)
-    fraction = hue * 6.0 - sector
-    sector = sector.to(torch.int64) % 6
-    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
-    q = (value * (1.0 - saturation * fraction)).clamp(0.0, 1.0)
-    t = (value * (1.0 - saturation * (1.0 - fraction))).clamp(0.0, 1.0)
-    # Row k of each table gives (r, g, b) for sector k.
-    candidates = torch.stack([value, q, p, t], dim=1)  # (B, 4, H, W): v, q, p, t
-    table = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=hue.device)
-    picks = table[sector]  # (B, H, W, 3) indices into candidates
-    return torch.gather(candidates, 1, picks.permute(0, 3, 1, 2))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -42,7 +42,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
             "device": str(env.device),
             "master": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}".strip(":"),
         }
-        print(json.dumps(report))
+        sys.stdout.write(json.dumps(report) + "\n")  # one write: launchers interleave ranks' lines
+        sys.stdout.flush()
     finally:
         destroy_distributed()
     return EXIT_OK

@@ -1,0 +1,184 @@
+"""LARS against the update rule computed by hand; LR scaling and warmup + cosine values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine, warmup_cosine_scheduler
+
+ETA, MOMENTUM, WD, LR = 0.001, 0.9, 1e-2, 0.5  # large WD so its effect is visible
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3, bias=False), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[4].weight.zero_()  # a zero-init gamma, as in every residual block
+    return model
+
+
+def _hand_lars_step(weight: torch.Tensor, grad: torch.Tensor, velocity: torch.Tensor, adapted: bool, lr: float):
+    """The official rule, one parameter, in float64: returns (new weight, new velocity)."""
+    w, g, v = weight.double(), grad.double(), velocity.double()
+    if adapted:
+        g = g + WD * w
+        w_norm, g_norm = w.norm().item(), g.norm().item()
+        trust = ETA * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+    else:
+        trust = 1.0
+    v = MOMENTUM * v + lr * trust * g
+    return w - v, v
+
+
+def _loss(model: nn.Module, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 4, generator=generator)
+    target = torch.randn(16, 3, generator=generator)
+    return ((model(x) - target) ** 2).mean()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_lars_matches_update_rule_by_hand(steps):
+    model = _small_model()
+    groups = lars_param_groups(model, weight_decay=WD)
+    adapted_ids = {id(p) for p in groups[0]["params"]}
+    optimizer = LARS(groups, lr=LR, momentum=MOMENTUM, eta=ETA)
+    expected = {name: p.detach().double().clone() for name, p in model.named_parameters()}
+    velocity = {name: torch.zeros_like(w) for name, w in expected.items()}
+
+    for step in range(steps):
+        optimizer.zero_grad()
+        _loss(model, step).backward()
+        for name, param in model.named_parameters():
+            # The hand rule starts from the parameters LARS produced so far (checked below),
+            # so each step's check is independent of accumulated float differences.
+            expected[name], velocity[name] = _hand_lars_step(
+                param.detach(), param.grad, velocity[name], id(param) in adapted_ids, LR
+            )
+        optimizer.step()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.detach().double(), expected[name], atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_param_groups_exclude_batchnorm_and_biases():
+    model = _small_model()
+    adapted, excluded = lars_param_groups(model, weight_decay=1e-6)
+    assert adapted["weight_decay"] == 1e-6 and not adapted["lars_exclude"]
+    assert excluded["weight_decay"] == 0.0 and excluded["lars_exclude"]
+    assert {id(p) for p in adapted["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert {id(p) for p in excluded["params"]} == {
+        id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[4].weight), id(model[4].bias)
+    }
+
+
+def test_excluded_parameters_get_no_decay_and_no_trust_scaling():
+    bias = nn.Parameter(torch.tensor([2.0, -1.0]))
+    optimizer = LARS([{"params": [bias], "weight_decay": 0.0, "lars_exclude": True}], lr=0.1, weight_decay=0.5)
+    bias.grad = torch.tensor([1.0, 1.0])
+    optimizer.step()
+    # plain momentum SGD step: w - lr * g (no trust ratio, no decay)
+    torch.testing.assert_close(bias.detach(), torch.tensor([1.9, -1.1]))
+
+
+def test_adapted_parameter_step_has_trust_ratio_length():
+    weight = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    optimizer = LARS([weight], lr=1.0, weight_decay=0.0, eta=0.001)
+    weight.grad = torch.tensor([[30.0, 40.0]])  # norm 50
+    optimizer.step()
+    # trust = 0.001 * 5 / 50 = 1e-4; the step is lr * trust * g = [0.003, 0.004]
+    torch.testing.assert_close(weight.detach(), torch.tensor([[2.997, 3.996]]))
+
+
+def test_zero_norm_weights_still_update():
+    gamma = nn.Parameter(torch.zeros(3))
+    weight = nn.Parameter(torch.zeros(2, 2))
+    optimizer = LARS(
+        [{"params": [gamma], "lars_exclude": True, "weight_decay": 0.0}, {"params": [weight]}], lr=0.1, weight_decay=1e-6
+    )
+    gamma.grad = torch.ones(3)
+    weight.grad = torch.ones(2, 2)
+    optimizer.step()
+    torch.testing.assert_close(gamma.detach(), torch.full((3,), -0.1))
+    torch.testing.assert_close(weight.detach(), torch.full((2, 2), -0.1))  # trust falls back to 1
+
+
+def test_nesterov_uses_lookahead_momentum():
+    weight = nn.Parameter(torch.tensor([1.0]))
+    optimizer = LARS([{"params": [weight], "lars_exclude": True}], lr=0.1, momentum=0.5, nesterov=True)
+    for _ in range(2):
+        weight.grad = torch.tensor([1.0])
+        optimizer.step()
+    # v1 = 0.1, w1 = 1 - (0.5*0.1 + 0.1) = 0.85; v2 = 0.05 + 0.1 = 0.15, w2 = 0.85 - (0.075 + 0.1) = 0.675
+    torch.testing.assert_close(weight.detach(), torch.tensor([0.675]))
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(resume_after: int | None):
+        model = _small_model()
+        optimizer = LARS(lars_param_groups(model), lr=0.3)
+        for step in range(4):
+            if resume_after is not None and step == resume_after:
+                state = optimizer.state_dict()
+                optimizer = LARS(lars_param_groups(model), lr=0.3)
+                optimizer.load_state_dict(state)
+            optimizer.zero_grad()
+            _loss(model, step).backward()
+            optimizer.step()
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run(None), run(2)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"lr": -1}, "lr"), ({"lr": 1, "momentum": 1.0}, "momentum"), ({"lr": 1, "weight_decay": -1}, "weight_decay"), ({"lr": 1, "eta": 0}, "eta")],
+)
+def test_lars_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LARS([nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def test_learning_rate_scaling_formulas():
+    assert scale_learning_rate(0.3, 4096, "linear") == pytest.approx(4.8)
+    assert scale_learning_rate(0.3, 256, "linear") == pytest.approx(0.3)
+    assert scale_learning_rate(0.075, 4096, "sqrt") == pytest.approx(4.8)
+    assert scale_learning_rate(0.075, 256, "sqrt") == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="scaling"):
+        scale_learning_rate(0.3, 256, "cubic")
+    with pytest.raises(ValueError, match="batch_size"):
+        scale_learning_rate(0.3, 0)
+
+
+def test_warmup_then_cosine_values():
+    total, warmup = 110, 10
+    assert warmup_cosine(0, total, warmup) == 0.0
+    assert warmup_cosine(5, total, warmup) == pytest.approx(0.5)
+    assert warmup_cosine(10, total, warmup) == pytest.approx(1.0)
+    assert warmup_cosine(60, total, warmup) == pytest.approx(0.5)
+    assert warmup_cosine(35, total, warmup) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert warmup_cosine(110, total, warmup) == pytest.approx(0.0)
+    assert warmup_cosine(500, total, warmup) == pytest.approx(0.0)
+    assert warmup_cosine(3, 100, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.03)))
+
+
+def test_scheduler_steps_per_optimizer_step_and_resumes():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = LARS([param], lr=2.0)
+    scheduler = warmup_cosine_scheduler(optimizer, total_steps=20, warmup_steps=4)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[:5] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+    state = scheduler.state_dict()
+    fresh_optimizer = LARS([param], lr=2.0)
+    fresh = warmup_cosine_scheduler(fresh_optimizer, total_steps=20, warmup_steps=4)
+    fresh.load_state_dict(state)
+    fresh_optimizer.param_groups[0]["lr"] = fresh.get_last_lr()[0]
+    assert fresh.get_last_lr()[0] == pytest.approx(2.0 * warmup_cosine(6, 20, 4))
