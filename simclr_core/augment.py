@@ -46,6 +46,7 @@ __all__ = [
     "TwoViews",
     "eval_train_transform",
     "test_transform",
+    "batched_test_transform",
     "blur_kernel_size",
 ]
 
@@ -213,6 +214,17 @@ def test_transform(size: int) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def batched_test_transform(images: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`test_transform` on a (B, C, H, W) batch: float32 (B, 3, size, size) in [0, 1]."""
+    x = _to_float_rgb(images)
+    if size > 32:
+        side = _center_crop_side(x.shape[-2:])
+        x = v2.functional.center_crop(x, side)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0.0, 1.0)
+
+
 def _center_crop_side(hw) -> list[int]:
     side = round(min(int(hw[0]), int(hw[1])) * CENTER_CROP_FRACTION)
     return [max(1, side), max(1, side)]
@@ -244,6 +256,10 @@ class ViewParams:
     grayscale: torch.Tensor
     blur: torch.Tensor
     blur_sigma: torch.Tensor
+
+    def rows(self, index: torch.Tensor | slice) -> "ViewParams":
+        """The parameters of the views at ``index`` (a rank's share of a global batch's)."""
+        return ViewParams(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
     def to(self, device: torch.device) -> "ViewParams":
         return ViewParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)})

@@ -1,21 +1,42 @@
 """The ``simclr`` command: the one entry point that DVC, KFP and the container image call.
 
-Exit codes: 0 success, 2 bad usage or bad input (the message names the field or file),
-1 any other failure.
+Stages: ``prepare``, ``pretrain``, ``linear-eval``, ``finetune``, ``transfer`` (and ``env``).
+Each reads its settings from the section of the same name in params.yaml (``--params``),
+overridden by command-line options of the same names (``--batch-size`` for
+``pretrain.batch_size``). Exit codes: 0 success, 2 bad usage or bad input (the message names
+the field or file), 1 any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("simclr")
 
 
 class UsageError(Exception):
     """Bad usage or bad input: reported without a traceback, exit code 2."""
+
+
+def _device(args: argparse.Namespace):
+    import torch
+
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available")
+    return torch.device(args.device)
+
+
+# ------------------------------------------------------------------------------ commands
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -23,12 +44,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
     import torch
 
     from simclr_core import __version__
-    from simclr_core.distributed import init_distributed, destroy_distributed
+    from simclr_core.distributed import destroy_distributed, init_distributed
 
-    try:
-        env = init_distributed(backend=args.backend, device=args.device)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    env = init_distributed(backend=args.backend, device=None if args.device == "auto" else args.device)
     try:
         report = {
             "simclr_core": __version__,
@@ -49,13 +67,153 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from simclr_core.config import PrepareConfig, config_from_args
+    from simclr_core.data import prepare
+
+    config = config_from_args(PrepareConfig, "prepare", args)
+    manifest = prepare(config, args.out)
+    splits = ", ".join(f"{name} {info['images']}" for name, info in manifest["splits"].items())
+    log.info("prepared %s into %s: %s images of shape %s", config.source, args.out, splits, manifest["image_shape"])
+    if manifest["skipped"]:
+        log.warning("skipped %d unreadable file(s); they are listed in %s/manifest.json", len(manifest["skipped"]), args.out)
+    return EXIT_OK
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from simclr_core.config import PretrainConfig, config_from_args
+    from simclr_core.distributed import destroy_distributed, init_distributed
+    from simclr_core.train import pretrain
+
+    config = config_from_args(PretrainConfig, "pretrain", args)
+    env = init_distributed(device=None if args.device == "auto" else args.device)
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        pretrain(config, args.data, args.out, env)
+    finally:
+        destroy_distributed()
+    return EXIT_OK
+
+
+def _cmd_linear_eval(args: argparse.Namespace) -> int:
+    from simclr_core.config import LinearEvalConfig, config_from_args
+    from simclr_core.evaluate import linear_eval
+    from simclr_core.storage import write_json
+
+    config = config_from_args(LinearEvalConfig, "linear_eval", args)
+    results = linear_eval(args.model, args.data, config, _device(args))
+    pretrained, baseline = results["pretrained"], results["random_init"]
+    metrics = {
+        "top1": pretrained["top1"],
+        "top5": pretrained["top5"],
+        "l2": pretrained["l2"],
+        "random_init_top1": baseline["top1"],
+        "random_init_top5": baseline["top5"],
+        "random_init_l2": baseline["l2"],
+    }
+    names = results["class_names"]
+    confusion = [
+        {"actual": names[a], "predicted": names[p]}
+        for a, p in zip(pretrained["actual"].tolist(), pretrained["predicted"].tolist())
+    ]
+    out = Path(args.out)
+    write_json(out / "confusion.json", confusion)
+    write_json(out / "metrics.json", metrics)
+    log.info(
+        "linear eval: top-1 %.2f%% (random init %.2f%%), top-5 %.2f%%",
+        100 * metrics["top1"], 100 * metrics["random_init_top1"], 100 * metrics["top5"],
+    )
+    return EXIT_OK
+
+
+def _fraction_key(fraction: str) -> str:
+    return f"labels_{float(fraction) * 100:g}pct"
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from simclr_core.config import FinetuneConfig, config_from_args
+    from simclr_core.evaluate import finetune
+    from simclr_core.storage import write_json
+
+    config = config_from_args(FinetuneConfig, "finetune", args)
+    results = finetune(args.model, args.data, config, _device(args), log=log.info)
+    metrics = {}
+    for fraction, pair in results.items():
+        metrics[_fraction_key(fraction)] = {
+            "top1": pair["pretrained"]["top1"],
+            "top5": pair["pretrained"]["top5"],
+            "scratch_top1": pair["scratch"]["top1"],
+            "scratch_top5": pair["scratch"]["top5"],
+        }
+        log.info(
+            "finetune on %s of the labels: top-1 %.2f%% (from scratch %.2f%%)",
+            fraction, 100 * pair["pretrained"]["top1"], 100 * pair["scratch"]["top1"],
+        )
+    write_json(Path(args.out) / "metrics.json", metrics)
+    return EXIT_OK
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from simclr_core.config import TransferConfig, config_from_args
+    from simclr_core.evaluate import transfer
+    from simclr_core.storage import write_json
+
+    config = config_from_args(TransferConfig, "transfer", args)
+    results = transfer(args.model, args.data, config, _device(args), log=log.info)
+    metrics = {
+        f"{name}_{key}": value for name, values in results.items() for key, value in values.items() if key in ("top1", "top5", "l2")
+    }
+    write_json(Path(args.out) / "metrics.json", metrics)
+    text = ", ".join(f"{name} {100 * values['top1']:.2f}%" for name, values in results.items())
+    log.info("transfer top-1: %s", text)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", default="params.yaml" if Path("params.yaml").is_file() else None, metavar="PATH",
+        help="params.yaml whose section for this stage gives the settings (default: ./params.yaml if present)",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simclr_core import __version__
+    from simclr_core.config import FinetuneConfig, LinearEvalConfig, PrepareConfig, PretrainConfig, TransferConfig, add_config_arguments
 
     parser = argparse.ArgumentParser(prog="simclr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"simclr {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+
+    def stage(name: str, help_text: str, handler, config_cls=None):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_common(sub)
+        if config_cls is not None:
+            add_config_arguments(sub, config_cls)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = stage("prepare", "read a source and write a prepared dataset directory", _cmd_prepare, PrepareConfig)
+    sub.add_argument("--out", required=True, help="the prepared dataset directory to write")
+
+    sub = stage("pretrain", "SimCLR pretraining (one process, or under torchrun / a PyTorchJob)", _cmd_pretrain, PretrainConfig)
+    sub.add_argument("--data", required=True, help="prepared dataset directory")
+    sub.add_argument("--out", required=True, help="run directory: checkpoints/, live/ metrics, model.pt")
+
+    for name, help_text, handler, cls, data_help in (
+        ("linear-eval", "linear evaluation of the frozen encoder, with the random-init baseline", _cmd_linear_eval, LinearEvalConfig, "prepared dataset directory"),
+        ("finetune", "semi-supervised fine-tuning on the label subsets, with the from-scratch baseline", _cmd_finetune, FinetuneConfig, "prepared dataset directory"),
+        ("transfer", "linear and fine-tuned evaluation on another dataset, with random-init baselines", _cmd_transfer, TransferConfig, "prepared directory of the transfer dataset"),
+    ):
+        sub = stage(name, help_text, handler, cls)
+        sub.add_argument("--model", required=True, help="model.pt written by `simclr pretrain` (or a checkpoint)")
+        sub.add_argument("--data", required=True, help=data_help)
+        sub.add_argument("--out", required=True, help="directory for metrics.json")
 
     env = commands.add_parser(
         "env",
@@ -64,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Operator) exactly as training does, print one JSON line, and exit.",
     )
     env.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
-    env.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    env.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     env.set_defaults(handler=_cmd_env)
     return parser
 
@@ -72,9 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with 2 on bad usage
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+    from simclr_core.checkpoint import CheckpointError
+    from simclr_core.config import ConfigError
+    from simclr_core.data import SourceError
+
     try:
         return args.handler(args)
-    except UsageError as error:
+    except (UsageError, ConfigError, SourceError, CheckpointError) as error:
         print(f"simclr {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_core.config import ConfigError
+
 __all__ = [
     "DistEnv",
     "init_distributed",
@@ -77,7 +79,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def init_distributed(
@@ -97,20 +99,20 @@ def init_distributed(
         group is created and the result describes a single process.
 
     Raises:
-        ValueError: when the environment is inconsistent (rank out of range, missing
+        ConfigError (a ValueError): when the environment is inconsistent (rank out of range, missing
             MASTER_ADDR/MASTER_PORT with WORLD_SIZE > 1, NCCL without CUDA).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1:
-        raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
+        raise ConfigError(f"WORLD_SIZE must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK must be in [0, WORLD_SIZE={world_size}), got {rank}")
+        raise ConfigError(f"RANK must be in [0, WORLD_SIZE={world_size}), got {rank}")
 
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         compute_device = torch.device("cuda", torch.cuda.current_device())
@@ -125,13 +127,13 @@ def init_distributed(
             os.environ[name] = os.environ[fallback]
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set; launch with "
             "torchrun or set the rendezvous variables the Training Operator sets"
         )
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
-        raise ValueError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
+        raise ConfigError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,

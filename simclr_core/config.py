@@ -1,0 +1,246 @@
+"""Typed settings for every stage, read from params.yaml with command-line overrides.
+
+Each stage has one dataclass; its field names are the keys of the stage's section in
+params.yaml and, with ``_`` written as ``-``, the stage's command-line options
+(``pretrain.batch_size`` in params.yaml is ``simclr pretrain --batch-size``). Validation
+errors are :class:`ConfigError` and name the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "PrepareConfig",
+    "PretrainConfig",
+    "LinearEvalConfig",
+    "FinetuneConfig",
+    "TransferConfig",
+    "load_section",
+    "add_config_arguments",
+    "config_from_args",
+]
+
+SOURCES = ("fashion-mnist", "cifar10", "cifar100", "stl10", "digits", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, of the wrong type, or out of range; the message names it."""
+
+
+def _check(condition: bool, field: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{field} must be {expected}, got {value!r}")
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """``simclr prepare``: turn a source into a prepared dataset directory."""
+
+    source: str = "fashion-mnist"  # one of SOURCES
+    source_root: str = ""  # where the source's files are ("" = the source's default place)
+    download: bool = False  # let torchvision download cifar10/cifar100/stl10/fashion-mnist
+    val_fraction: float = 0.05  # share of the training images held out as the 'val' split
+    max_train: int = 0  # keep at most this many training images (0 = all)
+    image_size: int = 0  # imagefolder: resize + centre-crop every image to this side (0 = keep)
+    label_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1])
+    seed: int = 0  # fixes the val split and the label subsets
+
+    def __post_init__(self) -> None:
+        _check(self.source in SOURCES, "prepare.source", f"one of {', '.join(SOURCES)}", self.source)
+        _check(0 <= self.val_fraction < 1, "prepare.val_fraction", "in [0, 1)", self.val_fraction)
+        _check(self.max_train >= 0, "prepare.max_train", ">= 0", self.max_train)
+        _check(self.image_size >= 0, "prepare.image_size", ">= 0", self.image_size)
+        for fraction in self.label_fractions:
+            _check(0 < fraction <= 1, "prepare.label_fractions", "a list of values in (0, 1]", self.label_fractions)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """``simclr pretrain``: SimCLR pretraining."""
+
+    arch: str = "resnet18"
+    width_multiplier: float = 1.0
+    cifar_stem: str = "auto"  # "auto" (<= 64 px), "true" or "false"
+    image_size: int = 0  # training side in pixels (0 = the dataset's)
+    proj_layers: int = 2
+    proj_hidden_dim: int = 0  # 0 = the encoder's feature width
+    proj_out_dim: int = 128
+    epochs: int = 100
+    batch_size: int = 512  # global, over all processes
+    temperature: float = 0.5
+    base_lr: float = 0.3
+    lr_scaling: str = "linear"  # "linear" (base_lr * B / 256) or "sqrt" (base_lr * sqrt(B))
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    strength: float = -1.0  # colour-jitter strength s (< 0 = by image size: 0.5 at <= 32 px, else 1)
+    blur: str = "auto"  # "auto" (off at <= 32 px), "true" or "false"
+    seed: int = 0
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0 = epoch ends only)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_size: int = 10000  # labelled training images in the kNN memory bank (0 = all)
+    num_threads: int = 0  # torch CPU threads per process (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "pretrain.epochs", ">= 1", self.epochs)
+        _check(self.batch_size >= 2, "pretrain.batch_size", ">= 2", self.batch_size)
+        _check(self.temperature > 0, "pretrain.temperature", "> 0", self.temperature)
+        _check(self.base_lr > 0, "pretrain.base_lr", "> 0", self.base_lr)
+        _check(self.lr_scaling in ("linear", "sqrt"), "pretrain.lr_scaling", "'linear' or 'sqrt'", self.lr_scaling)
+        _check(self.warmup_epochs >= 0, "pretrain.warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(self.width_multiplier > 0, "pretrain.width_multiplier", "> 0", self.width_multiplier)
+        _check(self.cifar_stem in ("auto", "true", "false"), "pretrain.cifar_stem", "'auto', 'true' or 'false'", self.cifar_stem)
+        _check(self.blur in ("auto", "true", "false"), "pretrain.blur", "'auto', 'true' or 'false'", self.blur)
+        _check(self.proj_layers >= 1, "pretrain.proj_layers", ">= 1", self.proj_layers)
+        _check(self.image_size >= 0, "pretrain.image_size", ">= 0", self.image_size)
+        _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", ">= 0", self.checkpoint_every)
+        _check(self.knn_k >= 1, "pretrain.knn_k", ">= 1", self.knn_k)
+
+
+@dataclasses.dataclass
+class LinearEvalConfig:
+    """``simclr linear-eval``: logistic regression on frozen features (L-BFGS)."""
+
+    l2_grid: list[float] = dataclasses.field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+    max_iter: int = 200  # L-BFGS iterations per fit
+    augment_copies: int = 1  # crop + flip copies of the training images added to the clean ones
+    batch_size: int = 1024  # feature extraction batch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid), "linear_eval.l2_grid", "a non-empty list of values >= 0", self.l2_grid)
+        _check(self.max_iter >= 1, "linear_eval.max_iter", ">= 1", self.max_iter)
+        _check(self.augment_copies >= 0, "linear_eval.augment_copies", ">= 0", self.augment_copies)
+        _check(self.batch_size >= 1, "linear_eval.batch_size", ">= 1", self.batch_size)
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """``simclr finetune``: fine-tune the whole network on the labelled subsets."""
+
+    label_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1])
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.05  # SGD with Nesterov momentum 0.9, cosine to 0
+    weight_decay: float = 0.0
+    head_layers: int = 0  # start from h (0) or from the output of the first k projection-head blocks
+    min_steps: int = 100  # small subsets get at least this many steps
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
+        _check(self.batch_size >= 1, "finetune.batch_size", ">= 1", self.batch_size)
+        _check(self.lr > 0, "finetune.lr", "> 0", self.lr)
+        _check(self.head_layers >= 0, "finetune.head_layers", ">= 0", self.head_layers)
+        for fraction in self.label_fractions:
+            _check(0 < fraction <= 1, "finetune.label_fractions", "a list of values in (0, 1]", self.label_fractions)
+
+
+@dataclasses.dataclass
+class TransferConfig:
+    """``simclr transfer``: the pretrained encoder on another dataset."""
+
+    l2_grid: list[float] = dataclasses.field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    max_iter: int = 300
+    finetune_epochs: int = 30
+    finetune_lr: float = 0.05
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid), "transfer.l2_grid", "a non-empty list of values >= 0", self.l2_grid)
+        _check(self.max_iter >= 1, "transfer.max_iter", ">= 1", self.max_iter)
+        _check(self.finetune_epochs >= 0, "transfer.finetune_epochs", ">= 0", self.finetune_epochs)
+        _check(self.finetune_lr > 0, "transfer.finetune_lr", "> 0", self.finetune_lr)
+
+
+def load_section(path: str | Path | None, section: str) -> dict[str, Any]:
+    """The ``section`` mapping of a params.yaml file ({} when ``path`` is None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"params file {path} is not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"params file {path} must hold a mapping of sections")
+    values = document.get(section, {}) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {section!r} of {path} must be a mapping")
+    return values
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    key = f"{section}.{name}"
+    origin = typing.get_origin(annotation)
+    try:
+        if origin is list:
+            (item_type,) = typing.get_args(annotation)
+            if isinstance(value, str):
+                value = [part for part in value.replace(",", " ").split() if part]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [item_type(item) for item in value]
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise TypeError
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        if annotation is str and isinstance(value, bool):
+            return "true" if value else "false"
+        return annotation(value)
+    except (TypeError, ValueError):
+        type_name = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{key} must be of type {type_name}, got {value!r}") from None
+
+
+def build_config(cls, section: str, values: dict[str, Any]):
+    """Instantiate ``cls`` from a mapping, naming unknown keys and bad values."""
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; known: {', '.join(types)}")
+    return cls(**{name: _coerce(section, name, types[name], value) for name, value in values.items()})
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` option per field of ``cls``; unset options keep params.yaml's value."""
+    group = parser.add_argument_group(f"settings (override params.yaml; defaults in brackets)")
+    defaults = cls()
+    for name in _field_types(cls):
+        default = getattr(defaults, name)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", default=None, metavar="V", help=f"[{shown}]")
+
+
+def config_from_args(cls, section: str, args: argparse.Namespace):
+    """params.yaml's ``section`` (from ``args.params``) updated by the options given on the command line."""
+    values = load_section(getattr(args, "params", None), section)
+    for name in _field_types(cls):
+        given = getattr(args, f"cfg_{name}", None)
+        if given is not None:
+            values[name] = given
+    return build_config(cls, section, values)

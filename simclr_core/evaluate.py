@@ -1,0 +1,290 @@
+"""Evaluations of a pretrained encoder: linear, semi-supervised fine-tuning, transfer.
+
+- **Linear evaluation** (:func:`linear_eval`): the encoder is frozen (BN in eval mode); an
+  L2-regularised multinomial logistic regression is fitted by L-BFGS on the standardised
+  features h of the training images plus ``augment_copies`` crop + flip copies of them; the
+  L2 weight is chosen on the val split, then the test split is scored (top-1, top-5,
+  confusion matrix). The same protocol on a randomly initialised encoder is the baseline.
+  (We chose L-BFGS over SGD: deterministic, no learning rate to tune, seconds on a CPU.)
+- **Fine-tuning** (:func:`finetune`): the whole network (encoder, the first ``head_layers``
+  projection-head blocks, a new linear classifier) is trained on a label subset with crop +
+  flip only, SGD with Nesterov momentum 0.9 and a cosine schedule; the same recipe from a
+  random initialisation is the baseline.
+- **Transfer** (:func:`transfer`): both of the above on another prepared dataset.
+
+Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclr_core.augment import AugmentConfig, BatchedAugment, batched_test_transform
+from simclr_core.checkpoint import load_checkpoint
+from simclr_core.config import ConfigError, FinetuneConfig, LinearEvalConfig, TransferConfig
+from simclr_core.data import PreparedDataset
+from simclr_core.features import extract
+from simclr_core.models import SimCLRModel
+from simclr_core.optim import warmup_cosine
+from simclr_core.train import build_model, seeded_generator
+
+__all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetune", "transfer", "topk_accuracy"]
+
+
+def load_pretrained(path: str | Path, device: torch.device) -> tuple[SimCLRModel, dict[str, Any]]:
+    """The model saved by pretraining (``model.pt`` or a training checkpoint), and its model settings."""
+    state = load_checkpoint(path, map_location="cpu")
+    if "model" not in state or "model_config" not in state:
+        raise ConfigError(f"{path} is not a simclr pretraining checkpoint (no 'model' / 'model_config')")
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.to(device), state["model_config"]
+
+
+def random_init_model(model_config: dict[str, Any], seed: int, device: torch.device) -> SimCLRModel:
+    torch.manual_seed(seed)
+    return build_model(model_config).to(device)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the k largest logits; logits (N, C), labels (N,)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1).float().mean().item()
+
+
+class LogisticRegression(nn.Module):
+    """Standardisation (fixed, from the training features) followed by a linear layer."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = nn.Linear(mean.numel(), num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.std)
+
+
+def fit_logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, max_iter: int
+) -> LogisticRegression:
+    """Minimise mean cross-entropy + (l2 / 2) * ||W||^2 by L-BFGS; features (N, D), labels (N,)."""
+    mean = features.mean(dim=0)
+    std = features.std(dim=0).clamp(min=1e-6)
+    model = LogisticRegression(mean, std, num_classes)
+    optimizer = torch.optim.LBFGS(
+        model.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7, tolerance_change=1e-10,
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(features), labels) + 0.5 * l2 * model.linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def _select_and_fit(
+    train_x, train_y, val_x, val_y, num_classes: int, l2_grid: list[float], max_iter: int
+) -> tuple[LogisticRegression, float, dict[str, float]]:
+    """Pick the L2 weight with the best val accuracy (ties: the larger weight), then return that fit."""
+    scores: dict[str, float] = {}
+    best = None
+    for l2 in sorted(l2_grid, reverse=True):
+        classifier = fit_logistic_regression(train_x, train_y, num_classes, l2, max_iter)
+        with torch.no_grad():
+            accuracy = topk_accuracy(classifier(val_x), val_y, 1) if len(val_y) else 0.0
+        scores[f"{l2:g}"] = accuracy
+        if best is None or accuracy > best[2]:
+            best = (classifier, l2, accuracy)
+    return best[0], best[1], scores
+
+
+def _labelled(dataset: PreparedDataset, split: str) -> tuple[np.ndarray, torch.Tensor]:
+    labels = dataset.labels(split)
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) == 0:
+        raise ConfigError(f"split '{split}' of {dataset.root} has no labels; evaluation needs a labelled dataset")
+    images = dataset.images(split)
+    if len(keep) < len(labels):
+        images = images[keep]
+    return images, torch.from_numpy(labels[keep])
+
+
+def _linear_protocol(
+    model: SimCLRModel, image_size: int, dataset: PreparedDataset, l2_grid: list[float], max_iter: int,
+    augment_copies: int, batch_size: int, seed: int, device: torch.device,
+) -> dict[str, Any]:
+    """Frozen-feature logistic regression; returns accuracies, the chosen L2 and test predictions."""
+    model.eval()
+    encoder = model.encoder
+    test_transform = lambda x: batched_test_transform(x, image_size)  # noqa: E731
+    train_images, train_y = _labelled(dataset, "train")
+    val_images, val_y = _labelled(dataset, "val")
+    test_images, test_y = _labelled(dataset, "test")
+    train_x = [extract(encoder, train_images, test_transform, device, batch_size)]
+    labels = [train_y]
+    crop_flip = BatchedAugment(AugmentConfig.crop_flip_only(image_size))
+    for copy in range(augment_copies):
+        generator = seeded_generator(seed, 3, copy)
+        train_x.append(extract(encoder, train_images, lambda x: crop_flip(x, generator), device, batch_size))
+        labels.append(train_y)
+    val_x = extract(encoder, val_images, test_transform, device, batch_size)
+    test_x = extract(encoder, test_images, test_transform, device, batch_size)
+    classifier, l2, scores = _select_and_fit(torch.cat(train_x), torch.cat(labels), val_x, val_y, dataset.num_classes, l2_grid, max_iter)
+    with torch.no_grad():
+        logits = classifier(test_x)
+    return {
+        "top1": topk_accuracy(logits, test_y, 1),
+        "top5": topk_accuracy(logits, test_y, 5),
+        "l2": l2,
+        "val_top1_by_l2": scores,
+        "predicted": logits.argmax(dim=1),
+        "actual": test_y,
+    }
+
+
+def linear_eval(model_path: str | Path, data_dir: str | Path, config: LinearEvalConfig, device: torch.device) -> dict[str, Any]:
+    """Linear evaluation of the pretrained encoder and of a random-init encoder (the baseline)."""
+    dataset = PreparedDataset(data_dir)
+    model, model_config = load_pretrained(model_path, device)
+    image_size = model_config["image_size"]
+    args = (image_size, dataset, config.l2_grid, config.max_iter, config.augment_copies, config.batch_size, config.seed, device)
+    pretrained = _linear_protocol(model, *args)
+    baseline = _linear_protocol(random_init_model(model_config, config.seed, device), *args)
+    return {
+        "pretrained": pretrained,
+        "random_init": baseline,
+        "class_names": dataset.class_names,
+    }
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+
+class Classifier(nn.Module):
+    """Encoder, the first ``head_layers`` projection-head blocks, and a linear classifier."""
+
+    def __init__(self, model: SimCLRModel, head_layers: int, num_classes: int) -> None:
+        super().__init__()
+        if head_layers >= len(model.head.layers):
+            raise ConfigError(
+                f"finetune.head_layers={head_layers} must be below the projection head's depth ({len(model.head.layers)})"
+            )
+        self.encoder = model.encoder
+        self.head = nn.Sequential(*model.head.layers[:head_layers])
+        self.classifier = nn.Linear(model.head.feature_dim(head_layers), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.head(self.encoder(x)))
+
+
+def train_classifier(
+    network: Classifier, images: np.ndarray, labels: torch.Tensor, image_size: int, epochs: int, batch_size: int,
+    lr: float, weight_decay: float, min_steps: int, seed: int, device: torch.device,
+) -> Classifier:
+    """Fine-tune all of ``network`` with crop + flip, SGD (Nesterov, momentum 0.9) and a cosine schedule."""
+    n = len(labels)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    total_steps = max(min_steps, epochs * steps_per_epoch)
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, 0))
+    augment = BatchedAugment(AugmentConfig.crop_flip_only(image_size))
+    labels = labels.to(device)
+    network.train()
+    for step in range(total_steps):
+        epoch, position = divmod(step, steps_per_epoch)
+        order = torch.randperm(n, generator=seeded_generator(seed, 4, epoch))
+        index = order[position * batch_size : (position + 1) * batch_size].sort().values
+        batch = torch.from_numpy(np.ascontiguousarray(images[index.numpy()])).to(device)
+        views = augment(batch, seeded_generator(seed, 5, step))
+        loss = F.cross_entropy(network(views), labels[index.to(device)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return network
+
+
+@torch.no_grad()
+def score_classifier(network: nn.Module, images: np.ndarray, labels: torch.Tensor, image_size: int, device: torch.device) -> dict[str, float]:
+    network.eval()
+    logits = extract(network, images, lambda x: batched_test_transform(x, image_size), device)
+    return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+
+
+def _finetune_pair(
+    model_path, model_config, images, labels, test_images, test_labels, num_classes, head_layers, epochs, batch_size,
+    lr, weight_decay, min_steps, seed, device,
+) -> dict[str, dict[str, float]]:
+    """Fine-tuned from the pretrained weights and, as the baseline, from a random initialisation."""
+    results = {}
+    for init in ("pretrained", "scratch"):
+        if init == "pretrained":
+            model, _ = load_pretrained(model_path, device)
+        else:
+            model = random_init_model(model_config, seed, device)
+        torch.manual_seed(seed)
+        network = Classifier(model, head_layers, num_classes).to(device)
+        train_classifier(network, images, labels, model_config["image_size"], epochs, batch_size, lr, weight_decay, min_steps, seed, device)
+        results[init] = score_classifier(network, test_images, test_labels, model_config["image_size"], device)
+    return results
+
+
+def finetune(model_path: str | Path, data_dir: str | Path, config: FinetuneConfig, device: torch.device, log=print) -> dict[str, Any]:
+    """Semi-supervised fine-tuning on each label fraction; returns {fraction: {pretrained, scratch}}."""
+    dataset = PreparedDataset(data_dir)
+    _, model_config = load_pretrained(model_path, device)
+    test_images, test_labels = _labelled(dataset, "test")
+    train_images = dataset.images("train")
+    train_labels = dataset.labels("train")
+    results = {}
+    for fraction in config.label_fractions:
+        index = dataset.subset(fraction)
+        images = train_images[index]
+        labels = torch.from_numpy(train_labels[index])
+        log(f"finetune: {fraction:g} of the labels ({len(index)} images), {config.epochs} epochs, pretrained and from scratch")
+        results[f"{fraction:g}"] = _finetune_pair(
+            model_path, model_config, images, labels, test_images, test_labels, dataset.num_classes, config.head_layers,
+            config.epochs, config.batch_size, config.lr, config.weight_decay, config.min_steps, config.seed, device,
+        )
+    return results
+
+
+def transfer(model_path: str | Path, data_dir: str | Path, config: TransferConfig, device: torch.device, log=print) -> dict[str, Any]:
+    """Linear (L2 chosen on val) and fine-tuned evaluation on another dataset, with random-init baselines."""
+    dataset = PreparedDataset(data_dir)
+    model, model_config = load_pretrained(model_path, device)
+    image_size = model_config["image_size"]
+    log(f"transfer: linear evaluation on {dataset.manifest['source']} ({dataset.manifest['splits']['train']['images']} training images)")
+    args = (image_size, dataset, config.l2_grid, config.max_iter, 0, config.batch_size, config.seed, device)
+    linear = _linear_protocol(model, *args)
+    linear_baseline = _linear_protocol(random_init_model(model_config, config.seed, device), *args)
+    results: dict[str, Any] = {
+        "linear": {k: linear[k] for k in ("top1", "top5", "l2")},
+        "linear_random_init": {k: linear_baseline[k] for k in ("top1", "top5", "l2")},
+    }
+    if config.finetune_epochs:
+        log(f"transfer: fine-tuning for {config.finetune_epochs} epochs, pretrained and from scratch")
+        images, labels = _labelled(dataset, "train")
+        test_images, test_labels = _labelled(dataset, "test")
+        pair = _finetune_pair(
+            model_path, model_config, images, labels, test_images, test_labels, dataset.num_classes, 0,
+            config.finetune_epochs, config.batch_size, config.finetune_lr, 0.0, 0, config.seed, device,
+        )
+        results["finetune"] = pair["pretrained"]
+        results["finetune_random_init"] = pair["scratch"]
+    return results

@@ -1,0 +1,26 @@
+"""Frozen-encoder features of a prepared split, in batches."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["extract"]
+
+
+@torch.no_grad()
+def extract(
+    encoder_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Features (N, D) float32 on the CPU of uint8 (N, C, H, W) ``images`` after ``transform``."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)  # copy out of the memmap
+        chunks.append(encoder_fn(transform(batch)).float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0)

@@ -1,0 +1,323 @@
+"""SimCLR pretraining: one explicit loop for one process, torchrun, or a multi-node PyTorchJob.
+
+The run is a pure function of the settings and the step number, whatever the world size:
+
+- epoch e visits the training images in the order ``randperm(N, seed=(seed, e))``, cut into
+  global batches of B (the remainder is dropped); rank r takes rows [r*B/W, (r+1)*B/W);
+- the augmentation parameters of the 2B views of step s are drawn for the whole global batch
+  from a generator seeded with (seed, s), and each rank applies its own rows;
+- both views go through the model in one forward pass, so (global) BatchNorm sees all 2B.
+
+So a run on W processes computes the same losses as one process on the global batch, and a
+resumed run (from the checkpoint's step) continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from simclr_core.augment import AugmentConfig, BatchedAugment, batched_test_transform
+from simclr_core.checkpoint import load_checkpoint, save_checkpoint
+from simclr_core.config import ConfigError, PretrainConfig
+from simclr_core.data import PreparedDataset
+from simclr_core.distributed import DistEnv, convert_to_global_bn
+from simclr_core.features import extract
+from simclr_core.knn import knn_accuracy
+from simclr_core.loss import NTXentLoss
+from simclr_core.models import SimCLRModel, uses_cifar_stem
+from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
+
+__all__ = ["pretrain", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
+
+log = logging.getLogger("simclr.pretrain")
+
+CHECKPOINT_NAME = "checkpoints/last.pt"
+MODEL_NAME = "model.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, for one); the message names the step."""
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from ``keys`` through numpy's SeedSequence (no collisions)."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def model_config_for(config: PretrainConfig, image_size: int) -> dict[str, Any]:
+    """The arguments of :meth:`SimCLRModel.build` for ``config``; stored with every checkpoint."""
+    cifar_stem = uses_cifar_stem(image_size) if config.cifar_stem == "auto" else config.cifar_stem == "true"
+    return {
+        "arch": config.arch,
+        "image_size": image_size,
+        "cifar_stem": cifar_stem,
+        "width_multiplier": config.width_multiplier,
+        "proj_layers": config.proj_layers,
+        "proj_hidden_dim": config.proj_hidden_dim or None,
+        "proj_out_dim": config.proj_out_dim,
+    }
+
+
+def build_model(model_config: dict[str, Any]) -> SimCLRModel:
+    try:
+        return SimCLRModel.build(**model_config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model settings {model_config}: {error}") from None
+
+
+def _augment_config(config: PretrainConfig, image_size: int) -> AugmentConfig:
+    strength = None if config.strength < 0 else config.strength
+    blur = None if config.blur == "auto" else config.blur == "true"
+    return AugmentConfig.for_image_size(image_size, strength=strength, blur=blur)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Sizes derived from the settings, the dataset and the world size."""
+
+    num_images: int
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+
+def _plan(config: PretrainConfig, num_images: int, world_size: int) -> _Plan:
+    if config.batch_size < world_size or config.batch_size % world_size:
+        raise ConfigError(
+            f"pretrain.batch_size={config.batch_size} must be a multiple of the number of processes ({world_size})"
+        )
+    steps_per_epoch = num_images // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"pretrain.batch_size={config.batch_size} is larger than the training split ({num_images} images)")
+    total = steps_per_epoch * config.epochs
+    return _Plan(
+        num_images=num_images,
+        local_batch=config.batch_size // world_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(total, round(config.warmup_epochs * steps_per_epoch)),
+        lr=scale_learning_rate(config.base_lr, config.batch_size, config.lr_scaling),
+    )
+
+
+def _local_indices(config: PretrainConfig, plan: _Plan, step: int, rank: int) -> np.ndarray:
+    epoch, position = divmod(step, plan.steps_per_epoch)
+    order = torch.randperm(plan.num_images, generator=seeded_generator(config.seed, 1, epoch)).numpy()
+    start = position * config.batch_size + rank * plan.local_batch
+    return np.sort(order[start : start + plan.local_batch])
+
+
+class _Metrics:
+    """DVCLive on rank 0: one point per epoch (loss, lr, images/s, kNN accuracy)."""
+
+    def __init__(self, out_dir: Path, resume: bool, enabled: bool) -> None:
+        self.live = None
+        if enabled:
+            from dvclive import Live
+
+            self.live = Live(dir=str(out_dir / "live"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+
+    def log_epoch(self, values: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        for name, value in values.items():
+            self.live.log_metric(name, value)
+        self.live.next_step()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr,
+    )
+
+
+def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, env: DistEnv) -> dict[str, Any]:
+    """Pretrain on ``data_dir``'s train split; write checkpoints, metrics and ``model.pt`` under ``out_dir``.
+
+    Resumes from ``out_dir/checkpoints/last.pt`` when it exists. Returns the final metrics.
+    """
+    out_dir = Path(out_dir)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    dataset = PreparedDataset(data_dir)
+    train_images = dataset.images("train")
+    plan = _plan(config, len(train_images), env.world_size)
+    image_size = config.image_size or dataset.image_shape[-1]
+    model_config = model_config_for(config, image_size)
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model = convert_to_global_bn(build_model(model_config), env).to(env.device)
+    use_cuda = env.device.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = LARS(lars_param_groups(model, config.weight_decay), lr=plan.lr, momentum=config.momentum)
+    scheduler = warmup_cosine_scheduler(optimizer, plan.total_steps, plan.warmup_steps)
+
+    step = 0
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, map_location=env.device)
+        if state.get("model_config") != model_config:
+            raise ConfigError(
+                f"{checkpoint_path} was written for model {state.get('model_config')}, not {model_config}; "
+                "use another --out or delete the checkpoint"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        if env.is_main:
+            log.info("resuming from %s at step %d of %d", checkpoint_path, step, plan.total_steps)
+    train_model: nn.Module = model
+    if env.is_distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if use_cuda else None)
+
+    augment = BatchedAugment(_augment_config(config, image_size))
+    loss_fn = NTXentLoss(config.temperature, gather=True)
+    knn_data = _knn_data(dataset, config) if env.is_main else None
+    metrics = _Metrics(out_dir, resume=step > 0, enabled=env.is_main)
+    if env.is_main:
+        log.info(
+            "pretraining %s on %d images: %d epochs x %d steps, global batch %d on %d process(es), lr %.4g, device %s",
+            model_config["arch"], plan.num_images, config.epochs, plan.steps_per_epoch, config.batch_size,
+            env.world_size, plan.lr, env.device,
+        )
+
+    def save(step_done: int) -> None:
+        if env.is_main:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step_done,
+                    "model_config": model_config,
+                    "pretrain_config": dataclasses.asdict(config),
+                },
+                checkpoint_path,
+            )
+
+    results: dict[str, Any] = {}
+    progress = _progress(plan.total_steps, step, env.is_main)
+    epoch_loss = torch.zeros((), device=env.device)
+    epoch_steps, epoch_start = 0, time.perf_counter()
+    train_model.train()
+    try:
+        while step < plan.total_steps:
+            index = _local_indices(config, plan, step, env.rank)
+            images = torch.from_numpy(train_images[index]).to(env.device, non_blocking=True)
+            params = augment.sample_params(2 * config.batch_size, *train_images.shape[-2:], seeded_generator(config.seed, 2, step))
+            own = torch.arange(plan.local_batch) + env.rank * plan.local_batch
+            views = augment.apply(torch.cat([images, images]), params.rows(torch.cat([own, own + config.batch_size])).to(env.device))
+            if use_cuda:
+                views = views.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=env.device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                _, z = train_model(views)
+            loss = loss_fn(z[: plan.local_batch], z[plan.local_batch :])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss is {loss_value} at step {step}; the last good checkpoint is {checkpoint_path}")
+            epoch_loss += loss.detach()
+            epoch_steps += 1
+            progress.update(1)
+            progress.set_postfix(
+                epoch=f"{(step - 1) // plan.steps_per_epoch + 1}/{config.epochs}", loss=f"{loss_value:.4f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.4g}", refresh=False,
+            )
+            end_of_epoch = step % plan.steps_per_epoch == 0
+            if end_of_epoch:
+                results = _end_epoch(
+                    step // plan.steps_per_epoch, epoch_loss, epoch_steps, time.perf_counter() - epoch_start,
+                    plan, config, env, model, knn_data, image_size, optimizer,
+                )
+                metrics.log_epoch(results)
+                progress.write(_describe(results, config.epochs))
+                epoch_loss.zero_()
+                epoch_steps, epoch_start = 0, time.perf_counter()
+            if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                save(step)
+    finally:
+        progress.close()
+        metrics.close()
+
+    if env.is_main:
+        save_checkpoint(
+            {"model": model.state_dict(), "model_config": model_config, "pretrain_config": dataclasses.asdict(config), "step": step},
+            out_dir / MODEL_NAME,
+        )
+    return results
+
+
+def _knn_data(dataset: PreparedDataset, config: PretrainConfig):
+    """(bank images, bank labels, query images, query labels) or None when the data has no labels."""
+    if not dataset.has_split("val"):
+        return None
+    train_labels = dataset.labels("train")
+    labelled = np.flatnonzero(train_labels >= 0)
+    val_labels = dataset.labels("val")
+    if len(labelled) == 0 or len(val_labels) == 0 or (val_labels < 0).all():
+        return None
+    if config.knn_bank_size:
+        labelled = labelled[np.linspace(0, len(labelled) - 1, min(config.knn_bank_size, len(labelled))).astype(int)]
+    return (
+        dataset.images("train")[labelled], torch.from_numpy(train_labels[labelled]),
+        dataset.images("val"), torch.from_numpy(val_labels), dataset.num_classes,
+    )
+
+
+def _end_epoch(epoch, epoch_loss, epoch_steps, seconds, plan, config, env, model, knn_data, image_size, optimizer) -> dict[str, float]:
+    if env.is_distributed:
+        torch.distributed.all_reduce(epoch_loss)
+        epoch_loss = epoch_loss / env.world_size
+    results = {
+        "epoch": epoch,
+        "loss": epoch_loss.item() / max(1, epoch_steps),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_second": epoch_steps * config.batch_size / max(seconds, 1e-9),
+    }
+    if knn_data is not None:
+        bank_x, bank_y, query_x, query_y, num_classes = knn_data
+        was_training = model.training
+        model.eval()
+        test_transform = lambda x: batched_test_transform(x, image_size)  # noqa: E731
+        bank = extract(model.encoder, bank_x, test_transform, env.device)
+        queries = extract(model.encoder, query_x, test_transform, env.device)
+        model.train(was_training)
+        results["knn_accuracy"] = knn_accuracy(bank, bank_y, queries, query_y, num_classes, config.knn_k, config.knn_temperature)
+    return results
+
+
+def _describe(results: dict[str, float], epochs: int) -> str:
+    text = (
+        f"epoch {results['epoch']}/{epochs}: loss {results['loss']:.4f}, lr {results['lr']:.4g}, "
+        f"{results['images_per_second']:.0f} images/s"
+    )
+    if "knn_accuracy" in results:
+        text += f", kNN accuracy {100 * results['knn_accuracy']:.2f}%"
+    return text
