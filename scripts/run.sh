@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Set up the environment and run the default job on this machine.
-# Today that is the method's benchmark (augmentations, encoder, NT-Xent; writes
-# benchmarks/RESULTS.md); the local pipeline (`dvc repro`, issue 3) replaces it.
+# Set up the environment and run the whole pipeline on the default small dataset:
+# `dvc repro` (prepare Fashion-MNIST and digits, pretrain, linear eval, fine-tune, transfer),
+# then print every stage's metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/simclr env
-exec .venv/bin/python benchmarks/bench_core.py "$@"
+export PATH="$PWD/.venv/bin:$PATH"   # dvc.yaml's stages call `simclr`
+simclr env
+start=$(date +%s)
+dvc repro "$@"
+echo "dvc repro took $(( $(date +%s) - start )) s"
+dvc metrics show

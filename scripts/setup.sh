@@ -7,11 +7,16 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 EXTRAS="${1:-}"
 
-if ! "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1; then
-    echo "setup: $PYTHON has no venv/ensurepip; installing python3-venv with apt-get" >&2
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+APT_PACKAGES=()
+"$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv python3-pip)
+command -v git >/dev/null 2>&1 || APT_PACKAGES+=(git)
+# Real Fashion-MNIST for the default run, from Debian (nothing is downloaded at run time).
+[ -d /usr/share/datasets/fashion-mnist ] || APT_PACKAGES+=(dataset-fashion-mnist)
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
+    echo "setup: installing ${APT_PACKAGES[*]} with apt-get" >&2
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq python3-venv python3-pip
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

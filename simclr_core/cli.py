@@ -71,7 +71,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from simclr_core.config import PrepareConfig, config_from_args
     from simclr_core.data import prepare
 
-    config = config_from_args(PrepareConfig, "prepare", args)
+    config = config_from_args(PrepareConfig, args.section, args)
     manifest = prepare(config, args.out)
     splits = ", ".join(f"{name} {info['images']}" for name, info in manifest["splits"].items())
     log.info("prepared %s into %s: %s images of shape %s", config.source, args.out, splits, manifest["image_shape"])
@@ -83,9 +83,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.config import PretrainConfig, config_from_args
     from simclr_core.distributed import destroy_distributed, init_distributed
-    from simclr_core.train import pretrain
+    from simclr_core.train import check_world_size, pretrain
 
     config = config_from_args(PretrainConfig, "pretrain", args)
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    check_world_size(config, int(world_size) if world_size.isdigit() else 1)
     env = init_distributed(device=None if args.device == "auto" else args.device)
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = stage("prepare", "read a source and write a prepared dataset directory", _cmd_prepare, PrepareConfig)
     sub.add_argument("--out", required=True, help="the prepared dataset directory to write")
+    sub.add_argument("--section", default="prepare", help="params.yaml section to read (default: prepare; transfer_data for the transfer dataset)")
 
     sub = stage("pretrain", "SimCLR pretraining (one process, or under torchrun / a PyTorchJob)", _cmd_pretrain, PretrainConfig)
     sub.add_argument("--data", required=True, help="prepared dataset directory")

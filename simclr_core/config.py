@@ -83,6 +83,7 @@ class PretrainConfig:
     momentum: float = 0.9
     strength: float = -1.0  # colour-jitter strength s (< 0 = by image size: 0.5 at <= 32 px, else 1)
     blur: str = "auto"  # "auto" (off at <= 32 px), "true" or "false"
+    crop_min_scale: float = 0.08  # smallest crop area, as a fraction of the image (the paper: 0.08)
     seed: int = 0
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0 = epoch ends only)
     knn_k: int = 200
@@ -100,6 +101,7 @@ class PretrainConfig:
         _check(self.width_multiplier > 0, "pretrain.width_multiplier", "> 0", self.width_multiplier)
         _check(self.cifar_stem in ("auto", "true", "false"), "pretrain.cifar_stem", "'auto', 'true' or 'false'", self.cifar_stem)
         _check(self.blur in ("auto", "true", "false"), "pretrain.blur", "'auto', 'true' or 'false'", self.blur)
+        _check(0 < self.crop_min_scale <= 1, "pretrain.crop_min_scale", "in (0, 1]", self.crop_min_scale)
         _check(self.proj_layers >= 1, "pretrain.proj_layers", ">= 1", self.proj_layers)
         _check(self.image_size >= 0, "pretrain.image_size", ">= 0", self.image_size)
         _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", ">= 0", self.checkpoint_every)

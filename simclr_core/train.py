@@ -37,7 +37,7 @@ from simclr_core.loss import NTXentLoss
 from simclr_core.models import SimCLRModel, uses_cifar_stem
 from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
 
-__all__ = ["pretrain", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
+__all__ = ["pretrain", "check_world_size", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
 
 log = logging.getLogger("simclr.pretrain")
 
@@ -79,7 +79,8 @@ def build_model(model_config: dict[str, Any]) -> SimCLRModel:
 def _augment_config(config: PretrainConfig, image_size: int) -> AugmentConfig:
     strength = None if config.strength < 0 else config.strength
     blur = None if config.blur == "auto" else config.blur == "true"
-    return AugmentConfig.for_image_size(image_size, strength=strength, blur=blur)
+    policy = AugmentConfig.for_image_size(image_size, strength=strength, blur=blur)
+    return dataclasses.replace(policy, crop_scale=(config.crop_min_scale, 1.0))
 
 
 @dataclasses.dataclass
@@ -94,11 +95,16 @@ class _Plan:
     lr: float
 
 
-def _plan(config: PretrainConfig, num_images: int, world_size: int) -> _Plan:
+def check_world_size(config: PretrainConfig, world_size: int) -> None:
+    """The global batch must split evenly over the processes (checked before any rendezvous)."""
     if config.batch_size < world_size or config.batch_size % world_size:
         raise ConfigError(
             f"pretrain.batch_size={config.batch_size} must be a multiple of the number of processes ({world_size})"
         )
+
+
+def _plan(config: PretrainConfig, num_images: int, world_size: int) -> _Plan:
+    check_world_size(config, world_size)
     steps_per_epoch = num_images // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"pretrain.batch_size={config.batch_size} is larger than the training split ({num_images} images)")
@@ -116,8 +122,8 @@ def _plan(config: PretrainConfig, num_images: int, world_size: int) -> _Plan:
 def _local_indices(config: PretrainConfig, plan: _Plan, step: int, rank: int) -> np.ndarray:
     epoch, position = divmod(step, plan.steps_per_epoch)
     order = torch.randperm(plan.num_images, generator=seeded_generator(config.seed, 1, epoch)).numpy()
-    start = position * config.batch_size + rank * plan.local_batch
-    return np.sort(order[start : start + plan.local_batch])
+    global_batch = np.sort(order[position * config.batch_size : (position + 1) * config.batch_size])  # sorted: memmap reads in order
+    return global_batch[rank * plan.local_batch : (rank + 1) * plan.local_batch]
 
 
 class _Metrics:
@@ -175,13 +181,8 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
 
     step = 0
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    if checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, map_location=env.device)
-        if state.get("model_config") != model_config:
-            raise ConfigError(
-                f"{checkpoint_path} was written for model {state.get('model_config')}, not {model_config}; "
-                "use another --out or delete the checkpoint"
-            )
+    state = _resumable_state(checkpoint_path, config, model_config, env)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -272,6 +273,30 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
             out_dir / MODEL_NAME,
         )
     return results
+
+
+# Settings that do not change what is computed: a checkpoint written under other values resumes.
+_RESUME_INDEPENDENT = {"checkpoint_every", "num_threads", "knn_k", "knn_temperature", "knn_bank_size"}
+
+
+def _resumable_state(path: Path, config: PretrainConfig, model_config: dict[str, Any], env: DistEnv) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it continues this very run; None to start from step 0.
+
+    A checkpoint written with other settings (say, another temperature after
+    ``dvc exp run -S pretrain.temperature=0.2``) belongs to another run: it is not resumed,
+    and the new run's checkpoints replace it.
+    """
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path, map_location=env.device)
+    saved = state.get("pretrain_config", {})
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in set(saved) | set(current) if k not in _RESUME_INDEPENDENT and saved.get(k) != current.get(k))
+    if changed or state.get("model_config") != model_config:
+        if env.is_main:
+            log.warning("%s was written with other settings (%s); starting a new run from step 0", path, ", ".join(changed) or "model")
+        return None
+    return state
 
 
 def _knn_data(dataset: PreparedDataset, config: PretrainConfig):

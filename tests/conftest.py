@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny generated datasets and a helper that runs the `simclr` CLI."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+# Pretraining settings small enough for seconds on a CPU.
+TINY_PRETRAIN = [
+    "--arch", "resnet18", "--width-multiplier", "0.125", "--cifar-stem", "false", "--batch-size", "16",
+    "--epochs", "2", "--warmup-epochs", "0.5", "--knn-k", "5", "--knn-bank-size", "0", "--num-threads", "1",
+]
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m simclr_core ARGS`` without params.yaml; return the finished process."""
+    environment = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    environment["OMP_NUM_THREADS"] = "1"
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_core", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _pattern_image(label: int, index: int, size: int) -> np.ndarray:
+    """An RGB uint8 (size, size, 3) image whose class shows in its colour and stripes."""
+    rng = np.random.default_rng(1000 * label + index)
+    ys, xs = np.mgrid[0:size, 0:size]
+    stripes = ((xs * (label + 1) + ys * (2 - label % 3)) // 3) % 2
+    colour = np.array([[255, 60, 60], [60, 200, 60], [60, 60, 255], [220, 220, 40]][label % 4])
+    image = stripes[..., None] * colour + rng.integers(0, 40, (size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 24, test_per_class: int = 6, size: int = 16) -> Path:
+    """root/train/<class>/*.png and root/test/<class>/*.png."""
+    from PIL import Image
+
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                Image.fromarray(_pattern_image(label, index + (0 if split == "train" else 500), size)).save(folder / f"{index}.png")
+    return root
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist_like(root: Path, train: int = 60, test: int = 20) -> Path:
+    """The four gzipped IDX files of Fashion-MNIST, with tiny generated content."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count) % 10
+        images = np.stack([_pattern_image(int(l), i, 28)[..., 0] for i, l in enumerate(labels)])
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    del rng
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory, tiny_folder) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    result = run_cli("prepare", "--source", "imagefolder", "--source-root", str(tiny_folder), "--val-fraction", "0.25",
+                     "--label-fractions", "0.1,0.5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, tiny_prepared) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    result = run_cli("pretrain", "--data", str(tiny_prepared), "--out", str(out), *TINY_PRETRAIN)
+    assert result.returncode == 0, result.stderr
+    return out

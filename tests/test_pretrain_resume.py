@@ -1,0 +1,107 @@
+"""Pretraining resumes exactly, and gives the same losses on 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from simclr_core.checkpoint import load_checkpoint
+from simclr_core.config import PretrainConfig
+from simclr_core.distributed import DistEnv
+from simclr_core.optim import LARS
+from simclr_core.train import pretrain
+from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
+from tests.multiproc import free_port
+
+
+def _tiny_config(**overrides) -> PretrainConfig:
+    settings = dict(
+        width_multiplier=0.125, cifar_stem="false", batch_size=16, epochs=2, warmup_epochs=0.5,
+        knn_k=5, knn_bank_size=0, checkpoint_every=1, num_threads=1,
+    )
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("stop_after", [2, 3], ids=["mid-epoch", "at-epoch-end"])
+def test_interrupted_run_resumes_at_its_step_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, monkeypatch, stop_after):
+    config = _tiny_config()
+    pretrain(config, tiny_prepared, tmp_path / "whole", DistEnv())
+    whole = _weights(tmp_path / "whole" / "model.pt")
+
+    original_step = LARS.step
+    calls = {"n": 0}
+
+    def step_then_interrupt(self, closure=None):
+        if calls["n"] == stop_after:
+            raise KeyboardInterrupt  # the process dies before this optimizer step
+        calls["n"] += 1
+        return original_step(self, closure)
+
+    monkeypatch.setattr(LARS, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, tiny_prepared, tmp_path / "resumed", DistEnv())
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == stop_after
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+
+    monkeypatch.setattr(LARS, "step", original_step)
+    pretrain(config, tiny_prepared, tmp_path / "resumed", DistEnv())
+    resumed = _weights(tmp_path / "resumed" / "model.pt")
+    assert load_checkpoint(tmp_path / "resumed" / "model.pt")["step"] == 6
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), name
+    epochs = (tmp_path / "resumed" / "live" / "plots" / "metrics" / "loss.tsv").read_text().strip().splitlines()
+    assert len(epochs) == 3  # header + both epochs, none twice
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tiny_prepared, tmp_path, caplog):
+    pretrain(_tiny_config(epochs=1), tiny_prepared, tmp_path / "run", DistEnv())
+    fresh = _tiny_config(epochs=1, temperature=0.2)
+    with caplog.at_level("WARNING"):
+        pretrain(fresh, tiny_prepared, tmp_path / "run", DistEnv())
+    assert "other settings (temperature)" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["pretrain_config"]["temperature"] == 0.2
+
+
+def _first_epoch_loss(run_dir) -> float:
+    return json.loads((run_dir / "live" / "metrics.json").read_text())["loss"]
+
+
+@pytest.mark.multiproc
+def test_torchrun_two_processes_give_the_single_process_first_step_loss(tiny_prepared, tmp_path):
+    # 54 training images and a global batch of 48: the first epoch is exactly one step
+    settings = [*TINY_PRETRAIN, "--epochs", "1", "--batch-size", "48"]
+    single = run_cli("pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "one"), *settings)
+    assert single.returncode == 0, single.stderr
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    double = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "simclr_core", "pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "two"), "--device", "cpu", *settings],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert double.returncode == 0, double.stderr
+    assert "2 process(es)" in double.stderr
+    assert _first_epoch_loss(tmp_path / "two") == pytest.approx(_first_epoch_loss(tmp_path / "one"), rel=1e-5, abs=1e-5)
+    one = _weights(tmp_path / "one" / "model.pt")
+    two = _weights(tmp_path / "two" / "model.pt")
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_batch_smaller_than_world_size_exits_2_before_rendezvous(tiny_prepared, tmp_path):
+    result = run_cli(
+        "pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "run"), *TINY_PRETRAIN, "--batch-size", "3",
+        env={"WORLD_SIZE": "4", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "pretrain.batch_size=3 must be a multiple of the number of processes (4)" in result.stderr
