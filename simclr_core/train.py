@@ -134,7 +134,12 @@ class _Metrics:
         if enabled:
             from dvclive import Live
 
-            self.live = Live(dir=str(out_dir / "live"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+            try:
+                self.live = Live(dir=str(out_dir / "live"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+            except Exception as error:  # dvclive 3.x fails inside a git repository without commits
+                if "Empty git repo" in str(error):
+                    raise ConfigError("the git repository around this DVC project has no commit yet; commit once, then rerun") from None
+                raise
 
     def log_epoch(self, values: dict[str, float]) -> None:
         if self.live is None:

@@ -52,6 +52,8 @@ def repo(tmp_path_factory, tiny_folder) -> Path:
     _run(["git", "config", "user.name", "ci"], root)
     _run([str(BIN / "dvc"), "init", "-q"], root)
     _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "project"], root)
     _run([str(BIN / "dvc"), "repro"], root)
     return root
 
