@@ -5,7 +5,7 @@ A prepared dataset is a directory::
     manifest.json             source, counts per split and class, class names, image shape,
                               sha256 of every file, skipped files, simclr_core version
     {split}_images.npy        uint8 (N, C, H, W), memory-mappable; split in train, val, test
-                              (and unlabeled for STL-10)
+                              (STL-10's unlabelled images are in train, with label -1)
     {split}_labels.npy        int64 (N,), -1 where unlabelled
     subsets.json              {"0.01": [train indices], "0.1": [...]}: class-balanced label
                               subsets, fixed by the seed (numpy PCG64: same on any machine)
@@ -126,10 +126,11 @@ def _load_torchvision(config: PrepareConfig) -> RawSplits:
         train = torchvision.datasets.STL10(root, split="train", download=config.download)
         test = torchvision.datasets.STL10(root, split="test", download=config.download)
         unlabeled = torchvision.datasets.STL10(root, split="unlabeled", download=config.download)
-        return RawSplits(
-            train.data, train.labels.astype(np.int64), test.data, test.labels.astype(np.int64), list(train.classes),
-            extra={"unlabeled": (unlabeled.data, np.full(len(unlabeled.data), -1, dtype=np.int64))},
-        )
+        # SimCLR pretrains on train + unlabeled: both go into 'train', the unlabelled with label -1
+        # (evaluations and label subsets use the labelled rows only).
+        images = np.concatenate([train.data, unlabeled.data])
+        labels = np.concatenate([train.labels.astype(np.int64), np.full(len(unlabeled.data), -1, dtype=np.int64)])
+        return RawSplits(images, labels, test.data, test.labels.astype(np.int64), list(train.classes))
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise SourceError(f"{config.source} under {root}: {error} (pass --download true to fetch it)") from None
 

@@ -153,12 +153,13 @@ class _Metrics:
             self.live.end()
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total_steps: int, initial_step: int, batch_size: int, enabled: bool):
+    """A bar counted in steps and shown in images (so its rate is images/s), with the ETA."""
     from tqdm import tqdm
 
     return tqdm(
-        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr,
+        total=total_steps, initial=initial_step, disable=not enabled, unit="img", unit_scale=batch_size,
+        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr,
     )
 
 
@@ -224,7 +225,7 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
             )
 
     results: dict[str, Any] = {}
-    progress = _progress(plan.total_steps, step, env.is_main)
+    progress = _progress(plan.total_steps, step, config.batch_size, env.is_main)
     epoch_loss = torch.zeros((), device=env.device)
     epoch_steps, epoch_start = 0, time.perf_counter()
     train_model.train()
@@ -311,13 +312,14 @@ def _knn_data(dataset: PreparedDataset, config: PretrainConfig):
     train_labels = dataset.labels("train")
     labelled = np.flatnonzero(train_labels >= 0)
     val_labels = dataset.labels("val")
-    if len(labelled) == 0 or len(val_labels) == 0 or (val_labels < 0).all():
+    queries = np.flatnonzero(val_labels >= 0)
+    if len(labelled) == 0 or len(queries) == 0:
         return None
     if config.knn_bank_size:
         labelled = labelled[np.linspace(0, len(labelled) - 1, min(config.knn_bank_size, len(labelled))).astype(int)]
     return (
         dataset.images("train")[labelled], torch.from_numpy(train_labels[labelled]),
-        dataset.images("val"), torch.from_numpy(val_labels), dataset.num_classes,
+        dataset.images("val")[queries], torch.from_numpy(val_labels[queries]), dataset.num_classes,
     )
 
 
