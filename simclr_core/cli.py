@@ -1,6 +1,6 @@
 """The ``simclr`` command: the one entry point that DVC, KFP and the container image call.
 
-Stages: ``prepare``, ``pretrain``, ``linear-eval``, ``finetune``, ``transfer`` (and ``env``).
+Stages: ``prepare``, ``pretrain``, ``linear-eval``, ``finetune``, ``transfer`` (and ``report``, ``env``).
 Each reads its settings from the section of the same name in params.yaml (``--params``),
 overridden by command-line options of the same names (``--batch-size`` for
 ``pretrain.batch_size``). Exit codes: 0 success, 2 bad usage or bad input (the message names
@@ -172,6 +172,17 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from simclr_core.report import pretrain_report
+    from simclr_core.storage import write_json
+
+    out = Path(args.out)
+    summary = pretrain_report(args.run, args.data, out / "report.html", _device(args))
+    write_json(out / "metrics.json", summary)
+    log.info("report: %s (%.1f%% of nearest neighbours share the query's class)", out / "report.html", 100 * summary["neighbour_precision"])
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -217,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, help="model.pt written by `simclr pretrain` (or a checkpoint)")
         sub.add_argument("--data", required=True, help=data_help)
         sub.add_argument("--out", required=True, help="directory for metrics.json")
+
+    sub = commands.add_parser(
+        "report", help="an HTML report of a pretraining run: curves and nearest neighbours",
+        description="Write report.html (per-epoch curves, nearest-neighbour pictures of the test split) and metrics.json.",
+    )
+    sub.add_argument("--run", required=True, help="the run directory `simclr pretrain --out` wrote (model.pt, live/)")
+    sub.add_argument("--data", required=True, help="prepared dataset directory (its test split is pictured)")
+    sub.add_argument("--out", required=True, help="directory for report.html and metrics.json")
+    sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    sub.set_defaults(handler=_cmd_report)
 
     env = commands.add_parser(
         "env",

@@ -67,6 +67,9 @@ def test_repro_writes_every_stage_metric(repo):
     for value in [linear["top1"], linear["random_init_top1"], transfer["linear_top1"], transfer["finetune_random_init_top1"]]:
         assert 0.0 <= value <= 1.0
     assert set(finetune) == {"labels_10pct", "labels_50pct"}
+    report = json.loads((repo / "runs/report/metrics.json").read_text())
+    assert 0.0 <= report["neighbour_precision"] <= 1.0
+    assert "data:image/png;base64," in (repo / "runs/report/report.html").read_text()
 
 
 def test_metrics_show_has_every_stage_in_one_table(repo):
@@ -74,6 +77,7 @@ def test_metrics_show_has_every_stage_in_one_table(repo):
     files = next(iter(json.loads(shown).values()))["data"]
     assert set(files) == {
         "runs/pretrain/live/metrics.json", "runs/linear_eval/metrics.json", "runs/finetune/metrics.json", "runs/transfer/metrics.json",
+        "runs/report/metrics.json",
     }
     table = _run([str(BIN / "dvc"), "metrics", "show"], repo).stdout
     assert "random_init_top1" in table and "labels_10pct.scratch_top1" in table

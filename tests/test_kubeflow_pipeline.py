@@ -1,0 +1,212 @@
+"""The Kubeflow layer: component YAMLs, the compiled pipeline, kfp's local runner, submit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import compiler, components, dsl
+
+from components.common import DEFAULT_IMAGE, cli_options, confusion_matrix, flatten
+from pipelines.compile import PIPELINE_FILE, compile_pipeline, stale_files
+from pipelines.simclr_pipeline import COMPONENTS
+from pipelines.submit import UsageError, parse_arguments, pipeline_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["prepare", "pretrain", "linear_eval", "finetune", "transfer"]
+
+
+def _load_spec(path: Path) -> tuple[dict, dict]:
+    documents = list(yaml.safe_load_all(path.read_text()))
+    return documents[0], (documents[1] if len(documents) > 1 else {})
+
+
+def test_checked_in_yamls_match_the_code():
+    assert stale_files() == [], "run `python -m pipelines.compile` and commit the YAMLs"
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_component_yaml_loads_with_its_typed_interface(step):
+    component = components.load_component_from_file(str(REPO / "components" / step / "component.yaml"))
+    spec = component.component_spec
+    assert spec.implementation.container.image == DEFAULT_IMAGE
+    assert spec.name == step.replace("_", "-")
+    outputs = {name: output.type for name, output in (spec.outputs or {}).items()}
+    expected_outputs = {
+        "prepare": {"dataset": "system.Dataset@0.0.1"},
+        "pretrain": {"model": "system.Model@0.0.1", "metrics": "system.Metrics@0.0.1", "report": "system.HTML@0.0.1"},
+        "linear_eval": {"metrics": "system.Metrics@0.0.1", "confusion": "system.ClassificationMetrics@0.0.1"},
+        "finetune": {"metrics": "system.Metrics@0.0.1"},
+        "transfer": {"metrics": "system.Metrics@0.0.1"},
+    }[step]
+    assert outputs == expected_outputs
+    if step != "prepare":
+        assert spec.inputs["data"].type == "system.Dataset@0.0.1"
+    assert "settings" in spec.inputs
+    # the step's body calls the `simclr` CLI, nothing else
+    assert "run_simclr" in " ".join(spec.implementation.container.command)
+
+
+def test_a_loaded_component_works_in_a_users_own_pipeline(tmp_path):
+    linear_eval = components.load_component_from_file(str(REPO / "components" / "linear_eval" / "component.yaml"))
+
+    @dsl.pipeline(name="my-eval")
+    def my_eval(model_uri: str):
+        encoder = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model)
+        data = dsl.importer(artifact_uri="gs://my-bucket/prepared", artifact_class=dsl.Dataset)
+        linear_eval(data=data.output, model=encoder.output, settings={"max_iter": 50})
+
+    compiler.Compiler().compile(my_eval, str(tmp_path / "my_eval.yaml"))
+    spec, _ = _load_spec(tmp_path / "my_eval.yaml")
+    assert "linear-eval" in spec["root"]["dag"]["tasks"]
+
+
+def _order(spec: dict) -> dict[str, set[str]]:
+    return {name: set(task.get("dependentTasks", [])) for name, task in spec["root"]["dag"]["tasks"].items()}
+
+
+def test_compiled_pipeline_chains_the_five_steps():
+    spec, platform = _load_spec(PIPELINE_FILE)
+    order = _order(spec)
+    assert order["prepare"] == set() and order["prepare-2"] == set()
+    assert order["condition-branches-1"] == {"prepare"}  # pretrain (PyTorchJob or in-step) after prepare
+    for evaluation in ("linear-eval", "finetune"):
+        assert order[evaluation] == {"condition-branches-1", "prepare"}
+    assert order["transfer"] == {"condition-branches-1", "prepare-2"}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["condition-branches-1"]["inputs"]["artifacts"]["pipelinechannel--prepare-dataset"]["taskOutputArtifact"]["producerTask"] == "prepare"
+    for evaluation, data_from in (("linear-eval", "prepare"), ("finetune", "prepare"), ("transfer", "prepare-2")):
+        artifacts = tasks[evaluation]["inputs"]["artifacts"]
+        assert artifacts["data"]["taskOutputArtifact"]["producerTask"] == data_from
+        assert artifacts["model"]["taskOutputArtifact"]["producerTask"] == "condition-branches-1"  # the model of whichever branch ran
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    pretrain_tasks = [task for branch in branches.values() for task in spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"].values()]
+    assert {task["componentRef"]["name"] for task in pretrain_tasks} == {"comp-pretrain", "comp-pretrain-2"}
+    backends = sorted(task["inputs"]["parameters"]["backend"]["runtimeValue"]["constant"] for task in pretrain_tasks)
+    assert backends == ["local", "pytorchjob"]
+    for task in pretrain_tasks:
+        parameters = task["inputs"]["parameters"]
+        for knob in ("epochs", "batch_size", "temperature", "num_nodes", "procs_per_node", "gpus_per_node", "image"):
+            assert parameters[knob]["componentInputParameter"] == f"pipelinechannel--{knob}"
+        assert task["inputs"]["artifacts"]["data"]["componentInputArtifact"] == "pipelinechannel--prepare-dataset"
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+    # the PyTorchJob branch's step mounts the PVC the job's pods share
+    mounts = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain"]["pvcMount"]
+    assert mounts[0]["mountPath"] == "/mnt/simclr"
+    assert mounts[0]["pvcNameParameter"]["componentInputParameter"] == "pipelinechannel--pvc_name"
+
+
+def test_pipeline_exposes_the_run_knobs_with_defaults():
+    parameters = pipeline_parameters(PIPELINE_FILE)
+    defaults = {name: spec.get("defaultValue") for name, spec in parameters.items()}
+    assert defaults["source"] == "fashion-mnist" and defaults["transfer_source"] == "digits"
+    assert defaults["image"] == DEFAULT_IMAGE and defaults["backend"] == "pytorchjob"
+    assert defaults["num_nodes"] == 2 and defaults["label_fractions"] == [0.01, 0.1]
+    for knob in ("source_uri", "epochs", "batch_size", "temperature", "procs_per_node", "gpus_per_node", "pvc_name"):
+        assert knob in parameters
+
+
+def test_compile_with_another_image_puts_it_on_every_step(tmp_path):
+    out = compile_pipeline(tmp_path / "p.yaml", image="registry.example.com/simclr:test")
+    spec, _ = _load_spec(out)
+    images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/simclr:test"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "registry.example.com/simclr:test"
+
+
+def test_compile_command_writes_a_pipeline_file(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--out", str(out), "--image", "example/simclr:1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert components.load_component_from_file(str(out)).name == "simclr"
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def test_cli_options_use_the_params_names():
+    assert cli_options({"crop_min_scale": 0.2}, batch_size=64, label_fractions=[0.01, 0.1], download=False, seed=None) == [
+        "--batch-size", "64", "--label-fractions", "0.01,0.1", "--download", "false", "--crop-min-scale", "0.2",
+    ]
+    assert cli_options({"batch_size": 32}, batch_size=64) == ["--batch-size", "32"]  # settings win
+
+
+def test_confusion_matrix_counts_actual_by_predicted():
+    rows = [{"actual": "a", "predicted": "a"}, {"actual": "a", "predicted": "b"}, {"actual": "b", "predicted": "b"}]
+    assert confusion_matrix(rows, ["a", "b"]) == [[1, 1], [0, 1]]
+    assert flatten({"x": 1, "labels_1pct": {"top1": 0.5}, "name": "s"}) == {"x": 1.0, "labels_1pct_top1": 0.5}
+
+
+def test_submit_parses_and_checks_arguments_against_the_pipeline():
+    parameters = pipeline_parameters(PIPELINE_FILE)
+    arguments = parse_arguments(["epochs=10", "temperature=0.2", "source=cifar10", "label_fractions=[0.1]", "pretrain_settings={\"seed\": 3}"], parameters)
+    assert arguments == {"epochs": 10, "temperature": 0.2, "source": "cifar10", "label_fractions": [0.1], "pretrain_settings": {"seed": 3}}
+    with pytest.raises(UsageError, match="unknown pipeline parameter 'epoch'"):
+        parse_arguments(["epoch=10"], parameters)
+    with pytest.raises(UsageError, match="epochs='ten': expected integer"):
+        parse_arguments(["epochs=ten"], parameters)
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["epochs=3"], 2, "pass --host URL or set KFP_HOST"),
+        (["--host", "http://127.0.0.1:9", "epochs=oops"], 2, "expected integer"),
+        (["--host", "http://127.0.0.1:9", "epochs=3"], 1, "did not take the run"),
+    ],
+)
+def test_submit_command_errors(args, code, message):
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "pipelines.submit", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+
+
+# ------------------------------------------------------------------------------ kfp.local
+
+
+def _executor_outputs(run_root: Path) -> dict[str, dict]:
+    """task name -> the executor_output.json kfp.local wrote for it."""
+    return {path.parent.name: json.loads(path.read_text()) for path in run_root.rglob("executor_output.json")}
+
+
+def test_whole_pipeline_runs_with_kfps_local_runner(tmp_path):
+    """Every step, in the project's venv, on scikit-learn's digits (tiny, offline)."""
+    script = f"""
+import json, sys
+from kfp import local
+from pipelines.simclr_pipeline import simclr_pipeline
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={str(tmp_path / 'root')!r})
+simclr_pipeline(
+    source="digits", transfer_source="digits", label_fractions=[0.1], epochs=1, batch_size=64, backend="local",
+    num_nodes=1, procs_per_node=1,
+    pretrain_settings={{"width_multiplier": 0.125, "knn_bank_size": 200, "warmup_epochs": 0, "num_threads": 1}},
+    linear_eval_settings={{"l2_grid": [1e-3], "max_iter": 20}},
+    finetune_settings={{"epochs": 1, "min_steps": 2}},
+    transfer_settings={{"finetune_epochs": 1, "max_iter": 20, "l2_grid": [1e-3]}},
+)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    outputs = _executor_outputs(tmp_path / "root")
+    assert {"prepare", "prepare-2", "pretrain-2", "linear-eval", "finetune", "transfer"} <= set(outputs)
+
+    def metadata(task: str, artifact: str) -> dict:
+        return outputs[task]["artifacts"][artifact]["artifacts"][0]["metadata"]
+
+    pretrain = metadata("pretrain-2", "metrics")
+    assert pretrain["epoch"] == 1 and pretrain["loss"] > 0 and 0 <= pretrain["neighbour_precision"] <= 1
+    linear = metadata("linear-eval", "metrics")
+    assert 0 <= linear["top1"] <= 1 and 0 <= linear["random_init_top1"] <= 1
+    confusion = metadata("linear-eval", "confusion")["confusionMatrix"]
+    assert len(confusion["annotationSpecs"]) == 10 and sum(map(sum, (row["row"] for row in confusion["rows"]))) == 359
+    assert set(metadata("finetune", "metrics")) == {"labels_10pct_top1", "labels_10pct_top5", "labels_10pct_scratch_top1", "labels_10pct_scratch_top5"}
+    assert 0 <= metadata("transfer", "metrics")["linear_top1"] <= 1
+    report = next((tmp_path / "root").rglob("pretrain-2/report"))
+    assert "data:image/png;base64," in report.read_text()
