@@ -24,7 +24,9 @@ def cli_options(settings: dict[str, Any] | None = None, **named: Any) -> list[st
     """``--name value`` pairs for the CLI: ``named`` first, then ``settings`` (which win).
 
     Names are the params.yaml field names (``batch_size`` -> ``--batch-size``); lists become
-    comma-separated; None values are left out (the CLI's default applies).
+    comma-separated; None values are left out (the CLI's default applies). Whole floats are
+    written as integers: KFP passes every number inside a dict or list parameter as a double
+    (protobuf Struct), and ``--knn-bank-size 200.0`` would not parse as an int.
     """
     merged = {**named, **(settings or {})}
     options: list[str] = []
@@ -32,11 +34,17 @@ def cli_options(settings: dict[str, Any] | None = None, **named: Any) -> list[st
         if value is None:
             continue
         if isinstance(value, (list, tuple)):
-            value = ",".join(str(item) for item in value)
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        options += [f"--{name.replace('_', '-')}", str(value)]
+            value = ",".join(_text(item) for item in value)
+        options += [f"--{name.replace('_', '-')}", _text(value)]
     return options
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def run_simclr(args: list[str]) -> None:

@@ -2,9 +2,11 @@
 
 Artifacts flow between the steps: the prepared Dataset into pretraining and every
 evaluation, the pretrained Model into the three evaluations. Pretraining runs either as a
-PyTorchJob of ``num_nodes`` pods sharing the PVC ``pvc_name`` (``backend="pytorchjob"``, the
-default on a cluster) or inside the step's own container (``backend="local"``, which is what
-kfp's local runner and single-node clusters use).
+PyTorchJob of ``num_nodes`` pods sharing the PVC ``pvc_name`` with the step
+(``backend="pytorchjob"``, the default) or inside the step's own container
+(``backend="local"``, which is what kfp's local runner and single-node clusters use). The
+step mounts the PVC either way (kfp's local runner ignores the mount): one task, not an
+If/Else pair, because kfp.local cannot pick a ``dsl.OneOf`` artifact between branches.
 
 ``build_pipeline(image)`` returns the pipeline with every step on ``image``; ``simclr_pipeline``
 is the one on the default image.
@@ -69,19 +71,15 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
             source=transfer_source, source_root=transfer_uri, val_fraction=0.1, label_fractions=[0.1],
         ).set_display_name("prepare transfer data")
 
-        pretrain_args = dict(
+        trained = steps["pretrain"](
             data=data.outputs["dataset"], epochs=epochs, batch_size=batch_size, temperature=temperature,
-            num_nodes=num_nodes, procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, image=image,
-            job_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=timeout_s, settings=pretrain_settings,
-        )
-        with dsl.If(backend == "pytorchjob", name="on-a-pytorchjob"):
-            on_cluster = steps["pretrain"](backend="pytorchjob", pvc_name=pvc_name, **pretrain_args)
-            on_cluster.set_display_name("pretrain (PyTorchJob)").set_retry(2)
-            kubernetes.mount_pvc(on_cluster, pvc_name=pvc_name, mount_path="/mnt/simclr")
-        with dsl.Else(name="in-this-step"):
-            in_step = steps["pretrain"](backend="local", **pretrain_args)
-            in_step.set_display_name("pretrain").set_retry(2)
-        model = dsl.OneOf(on_cluster.outputs["model"], in_step.outputs["model"])
+            backend=backend, num_nodes=num_nodes, procs_per_node=procs_per_node, gpus_per_node=gpus_per_node,
+            image=image, pvc_name=pvc_name, job_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=timeout_s,
+            settings=pretrain_settings,
+        ).set_display_name("pretrain").set_retry(2)
+        # The PyTorchJob's pods read the data and write checkpoints on this PVC, and so does the step.
+        kubernetes.mount_pvc(trained, pvc_name=pvc_name, mount_path="/mnt/simclr")
+        model = trained.outputs["model"]
 
         steps["linear_eval"](data=data.outputs["dataset"], model=model, settings=linear_eval_settings).set_display_name("linear eval")
         steps["finetune"](

@@ -69,33 +69,29 @@ def _order(spec: dict) -> dict[str, set[str]]:
 
 def test_compiled_pipeline_chains_the_five_steps():
     spec, platform = _load_spec(PIPELINE_FILE)
-    order = _order(spec)
-    assert order["prepare"] == set() and order["prepare-2"] == set()
-    assert order["condition-branches-1"] == {"prepare"}  # pretrain (PyTorchJob or in-step) after prepare
-    for evaluation in ("linear-eval", "finetune"):
-        assert order[evaluation] == {"condition-branches-1", "prepare"}
-    assert order["transfer"] == {"condition-branches-1", "prepare-2"}
+    assert _order(spec) == {
+        "prepare": set(), "prepare-2": set(), "pretrain": {"prepare"},
+        "linear-eval": {"prepare", "pretrain"}, "finetune": {"prepare", "pretrain"}, "transfer": {"prepare-2", "pretrain"},
+    }
     tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["condition-branches-1"]["inputs"]["artifacts"]["pipelinechannel--prepare-dataset"]["taskOutputArtifact"]["producerTask"] == "prepare"
-    for evaluation, data_from in (("linear-eval", "prepare"), ("finetune", "prepare"), ("transfer", "prepare-2")):
-        artifacts = tasks[evaluation]["inputs"]["artifacts"]
-        assert artifacts["data"]["taskOutputArtifact"]["producerTask"] == data_from
-        assert artifacts["model"]["taskOutputArtifact"]["producerTask"] == "condition-branches-1"  # the model of whichever branch ran
-    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
-    pretrain_tasks = [task for branch in branches.values() for task in spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"].values()]
-    assert {task["componentRef"]["name"] for task in pretrain_tasks} == {"comp-pretrain", "comp-pretrain-2"}
-    backends = sorted(task["inputs"]["parameters"]["backend"]["runtimeValue"]["constant"] for task in pretrain_tasks)
-    assert backends == ["local", "pytorchjob"]
-    for task in pretrain_tasks:
-        parameters = task["inputs"]["parameters"]
-        for knob in ("epochs", "batch_size", "temperature", "num_nodes", "procs_per_node", "gpus_per_node", "image"):
-            assert parameters[knob]["componentInputParameter"] == f"pipelinechannel--{knob}"
-        assert task["inputs"]["artifacts"]["data"]["componentInputArtifact"] == "pipelinechannel--prepare-dataset"
-        assert task["retryPolicy"]["maxRetryCount"] == 2
-    # the PyTorchJob branch's step mounts the PVC the job's pods share
+    for consumer, artifact, producer, key in (
+        ("pretrain", "data", "prepare", "dataset"),
+        ("linear-eval", "data", "prepare", "dataset"), ("linear-eval", "model", "pretrain", "model"),
+        ("finetune", "data", "prepare", "dataset"), ("finetune", "model", "pretrain", "model"),
+        ("transfer", "data", "prepare-2", "dataset"), ("transfer", "model", "pretrain", "model"),
+    ):
+        assert tasks[consumer]["inputs"]["artifacts"][artifact]["taskOutputArtifact"] == {"outputArtifactKey": key, "producerTask": producer}
+    pretrain = tasks["pretrain"]
+    for knob in ("epochs", "batch_size", "temperature", "backend", "num_nodes", "procs_per_node", "gpus_per_node", "image", "pvc_name", "timeout_s"):
+        assert pretrain["inputs"]["parameters"][knob]["componentInputParameter"] == knob
+    assert pretrain["inputs"]["parameters"]["settings"]["componentInputParameter"] == "pretrain_settings"
+    assert pretrain["inputs"]["parameters"]["job_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"  # retries resume
+    assert pretrain["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["finetune"]["inputs"]["parameters"]["label_fractions"]["componentInputParameter"] == "label_fractions"
+    # the step and the PyTorchJob's pods share the PVC
     mounts = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain"]["pvcMount"]
     assert mounts[0]["mountPath"] == "/mnt/simclr"
-    assert mounts[0]["pvcNameParameter"]["componentInputParameter"] == "pipelinechannel--pvc_name"
+    assert mounts[0]["pvcNameParameter"]["componentInputParameter"] == "pvc_name"
 
 
 def test_pipeline_exposes_the_run_knobs_with_defaults():
@@ -134,6 +130,10 @@ def test_cli_options_use_the_params_names():
         "--batch-size", "64", "--label-fractions", "0.01,0.1", "--download", "false", "--crop-min-scale", "0.2",
     ]
     assert cli_options({"batch_size": 32}, batch_size=64) == ["--batch-size", "32"]  # settings win
+    # KFP hands numbers inside dict/list parameters over as doubles
+    assert cli_options({"knn_bank_size": 200.0, "base_lr": 0.5, "l2_grid": [1.0, 0.001]}) == [
+        "--knn-bank-size", "200", "--base-lr", "0.5", "--l2-grid", "1,0.001",
+    ]
 
 
 def test_confusion_matrix_counts_actual_by_predicted():
@@ -195,12 +195,12 @@ simclr_pipeline(
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     outputs = _executor_outputs(tmp_path / "root")
-    assert {"prepare", "prepare-2", "pretrain-2", "linear-eval", "finetune", "transfer"} <= set(outputs)
+    assert {"prepare", "prepare-2", "pretrain", "linear-eval", "finetune", "transfer"} <= set(outputs)
 
     def metadata(task: str, artifact: str) -> dict:
         return outputs[task]["artifacts"][artifact]["artifacts"][0]["metadata"]
 
-    pretrain = metadata("pretrain-2", "metrics")
+    pretrain = metadata("pretrain", "metrics")
     assert pretrain["epoch"] == 1 and pretrain["loss"] > 0 and 0 <= pretrain["neighbour_precision"] <= 1
     linear = metadata("linear-eval", "metrics")
     assert 0 <= linear["top1"] <= 1 and 0 <= linear["random_init_top1"] <= 1
@@ -208,5 +208,5 @@ simclr_pipeline(
     assert len(confusion["annotationSpecs"]) == 10 and sum(map(sum, (row["row"] for row in confusion["rows"]))) == 359
     assert set(metadata("finetune", "metrics")) == {"labels_10pct_top1", "labels_10pct_top5", "labels_10pct_scratch_top1", "labels_10pct_scratch_top5"}
     assert 0 <= metadata("transfer", "metrics")["linear_top1"] <= 1
-    report = next((tmp_path / "root").rglob("pretrain-2/report"))
+    report = next((tmp_path / "root").rglob("pretrain/report"))
     assert "data:image/png;base64," in report.read_text()

@@ -1,0 +1,513 @@
+"""The pretraining launcher: the PyTorchJob it builds (against the CRD's schema), its
+create/watch/fail/timeout/cancel/delete paths against a Kubernetes API emulator that the
+real kubernetes client talks to (kmock), and the local torchrun backend on tiny data."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import kmock
+import pytest
+import yaml
+from kubernetes import client
+
+from components.launcher import (
+    MAX_JOB_NAME_LENGTH,
+    LaunchError,
+    PretrainJob,
+    PyTorchJobBackend,
+    TrainingBackend,
+    build_pytorchjob,
+    job_name_for,
+    launch,
+)
+from components.launcher.pytorchjob import GROUP, PLURAL, VERSION
+from tests.conftest import REPO, TINY_PRETRAIN
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+NAMESPACE = "team-a"
+ARGS = ["--data", "/mnt/simclr/data", "--out", "/mnt/simclr/run", "--epochs", "4"]
+OWNER = {"apiVersion": "v1", "kind": "Pod", "name": "pipeline-step-pod", "uid": "4c1d8a9e-0000-4000-8000-000000000001"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+MASTER_LOG = b"2026-11-22T10:00:00.1Z simclr: step 1 loss 5.1\n2026-11-22T10:00:00.12Z simclr: step 2 loss 4.9\r4.8\n"
+
+
+# ------------------------------------------------------------------------------ the built object
+
+
+def _strict(schema):
+    """The schema with unknown fields forbidden wherever it lists its fields, as the API server
+    does with strict field validation (it would otherwise drop a misspelt field silently)."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _strict(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_validator() -> jsonschema.Draft7Validator:
+    path = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
+    assert path.is_file(), f"the PyTorchJob CRD is missing: {path} (the shared/ directory sits beside the clone)"
+    crd = yaml.safe_load(path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def _job(**overrides) -> PretrainJob:
+    settings = dict(
+        name="simclr-pretrain-run-1", image="registry.example/simclr:0.1.0", simclr_args=ARGS, num_nodes=2,
+        procs_per_node=4, gpus_per_node=4, pvc_name="simclr-data", node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        tolerations=[GPU_TOLERATION], env={"NCCL_DEBUG": "WARN"}, service_account="pipeline-runner", namespace=NAMESPACE,
+    )
+    settings.update(overrides)
+    return PretrainJob(**settings)
+
+
+def _errors(validator: jsonschema.Draft7Validator, obj: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_built_pytorchjob_matches_the_crd_schema_and_the_request(pytorchjob_validator, nodes):
+    job = _job(num_nodes=nodes)
+    obj = build_pytorchjob(job, NAMESPACE, OWNER, timeout_s=3600)
+    assert _errors(pytorchjob_validator, obj) == []
+
+    assert (obj["apiVersion"], obj["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert obj["metadata"]["name"] == job.name and obj["metadata"]["namespace"] == NAMESPACE
+    assert obj["metadata"]["ownerReferences"] == [OWNER]
+    spec = obj["spec"]
+    assert spec["nprocPerNode"] == "4"
+    assert spec["runPolicy"]["backoffLimit"] == 3
+    assert spec["runPolicy"]["cleanPodPolicy"] in ("Running", "All")
+    assert spec["runPolicy"]["activeDeadlineSeconds"] > 3600
+    replicas = spec["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1
+    if nodes == 1:
+        assert set(replicas) == {"Master"}
+    else:
+        assert set(replicas) == {"Master", "Worker"} and replicas["Worker"]["replicas"] == nodes - 1
+    for replica in replicas.values():
+        assert replica["restartPolicy"] == "OnFailure"
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch"
+        assert container["image"] == job.image
+        assert container["command"] == ["torchrun", "--no-python", "simclr", "pretrain", *ARGS]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and {"cpu", "memory"} <= set(container["resources"]["limits"])
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["NCCL_DEBUG"] == "WARN"
+        assert not {"WORLD_SIZE", "RANK", "MASTER_ADDR", "PET_NNODES"} & set(env)  # the operator's to set
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/mnt/simclr"]]["persistentVolumeClaim"] == {"claimName": "simclr-data"}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["tolerations"] == [GPU_TOLERATION]
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert pod["serviceAccountName"] == "pipeline-runner"
+
+
+def test_cpu_job_without_volume_or_owner(pytorchjob_validator):
+    obj = build_pytorchjob(_job(gpus_per_node=0, pvc_name="", num_nodes=1, procs_per_node=2), NAMESPACE)
+    assert _errors(pytorchjob_validator, obj) == []
+    container = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert "/mnt/simclr" not in {m["mountPath"] for m in container["volumeMounts"]}
+    assert "ownerReferences" not in obj["metadata"] and "activeDeadlineSeconds" not in obj["spec"]["runPolicy"]
+    assert obj["spec"]["nprocPerNode"] == "2"
+
+
+def test_the_schema_check_catches_a_malformed_job(pytorchjob_validator):
+    obj = build_pytorchjob(_job(), NAMESPACE)
+    broken = copy.deepcopy(obj)
+    broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "1"
+    assert any("replicas" in error for error in _errors(pytorchjob_validator, broken))
+    broken = copy.deepcopy(obj)
+    broken["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"]["limits"] = ["4"]
+    assert _errors(pytorchjob_validator, broken)
+    broken = copy.deepcopy(obj)
+    broken["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["nodeSelecter"] = {"a": "b"}
+    assert any("nodeSelecter" in error for error in _errors(pytorchjob_validator, broken))
+
+
+def test_trainer_pods_carry_the_labels_the_podmonitor_and_networkpolicy_select():
+    podmonitor = yaml.safe_load((REPO / "manifests" / "podmonitor.yaml").read_text())
+    policies = [p for p in yaml.safe_load_all((REPO / "manifests" / "networkpolicy.yaml").read_text()) if p]
+    trainer_policy = next(p for p in policies if p["metadata"]["name"] == "simclr-pretrain")
+    obj = build_pytorchjob(_job(), NAMESPACE)
+    for replica in obj["spec"]["pytorchReplicaSpecs"].values():
+        labels = replica["template"]["metadata"]["labels"]
+        assert podmonitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert trainer_policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        ports = {port["name"] for port in replica["template"]["spec"]["containers"][0]["ports"]}
+        assert {endpoint["port"] for endpoint in podmonitor["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def test_job_names_are_valid_dns_labels_and_deterministic():
+    for run_id in ("run-1", "Pipeline_Run 2026/11/22", "9f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f" * 3, "x" * 200, "---"):
+        name = job_name_for(run_id)
+        assert name == job_name_for(run_id)
+        assert len(name) <= MAX_JOB_NAME_LENGTH
+        PretrainJob(name=name, image="i", simclr_args=[])  # validates the name
+    assert job_name_for("a" * 100 + "1") != job_name_for("a" * 100 + "2")
+    assert job_name_for("Run 7") == "simclr-pretrain-run-7"
+    assert job_name_for("simclr-pretrain-run-7") == "simclr-pretrain-run-7"  # no double prefix
+    for bad in ("Upper", "1starts-with-digit", "ends-", "x" * (MAX_JOB_NAME_LENGTH + 1), "under_score"):
+        with pytest.raises(ValueError, match="job name"):
+            PretrainJob(name=bad, image="i", simclr_args=[])
+    with pytest.raises(ValueError, match="num_nodes"):
+        PretrainJob(name="ok", image="i", simclr_args=[], num_nodes=0)
+
+
+def test_unknown_backend_and_backend_protocol():
+    with pytest.raises(ValueError, match="unknown launcher backend 'slurm'.*local.*pytorchjob"):
+        launch(_job(), backend="slurm")
+    assert isinstance(PyTorchJobBackend(), TrainingBackend)
+
+
+# ------------------------------------------------------------------------------ against kmock
+
+
+class Emulator:
+    """kmock's Kubernetes emulator served on 127.0.0.1 from its own event-loop thread."""
+
+    def __init__(self):
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="kmock", daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "kmock did not start"
+        self.api_client = client.ApiClient(client.Configuration(host=self.url))
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
+            handler.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = {"kind": "PyTorchJob", "namespaced": True}
+            handler.resources["v1/pods"] = {"kind": "Pod", "namespaced": True}
+            # the kubelet's side of `kubectl logs`: timestamped lines (the emulator keeps no logs)
+            handler["get", kmock.resource("v1/pods"), kmock.subresource("log")] << MASTER_LOG
+            self.handler, self.url = handler, str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def get_job(self, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+
+@pytest.fixture
+def emulator():
+    emu = Emulator()
+    emu.core.create_namespaced_pod(NAMESPACE, {"metadata": {"name": OWNER["name"], "namespace": NAMESPACE, "uid": OWNER["uid"]}})
+    yield emu
+    emu.close()
+
+
+class StandInOperator(threading.Thread):
+    """Plays the Training Operator through the API: waits for the launcher's job, starts its
+    Master pod, waits for ``until`` (e.g. the launcher has streamed the log), then writes
+    ``conditions`` into the job's status subresource (or, with "delete", deletes the job)."""
+
+    def __init__(self, emu: Emulator, name: str, conditions: list[dict] | str | None, until=lambda: True, is_new=lambda job: True):
+        super().__init__(daemon=True)
+        self.emu, self.name, self.conditions, self.until, self.is_new = emu, name, conditions, until, is_new
+        self.seen: dict | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.seen = _wait_for(lambda: (job := self.emu.get_job(self.name)) and self.is_new(job) and job, "the job")
+            labels = {"training.kubeflow.org/job-name": self.name, "training.kubeflow.org/replica-type": "master"}
+            pod = {"metadata": {"name": f"{self.name}-master-0", "namespace": NAMESPACE, "labels": labels}, "status": {"phase": "Running"}}
+            self.emu.core.create_namespaced_pod(NAMESPACE, pod)
+            running = {"type": "Running", "status": "True", "reason": "PyTorchJobRunning", "message": "running"}
+            self._set_status([running])
+            _wait_for(self.until, "the launcher")
+            if self.conditions == "delete":
+                self.emu.custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, self.name)
+            elif self.conditions is not None:
+                self._set_status([{**running, "status": "False"}, *self.conditions])
+        except BaseException as error:  # reported by the test
+            self.error = error
+
+    def _set_status(self, conditions: list[dict]) -> None:
+        self.emu.custom.patch_namespaced_custom_object_status(GROUP, VERSION, NAMESPACE, PLURAL, self.name, {"status": {"conditions": conditions}})
+
+    def check(self) -> dict:
+        self.join(10)
+        assert self.error is None, f"the stand-in operator failed: {self.error!r}"
+        return self.seen
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _backend(emu: Emulator) -> PyTorchJobBackend:
+    return PyTorchJobBackend(api_client=emu.api_client, watch_timeout_s=1.0, log_poll_s=0.05, log_grace_s=2.0)
+
+
+def _streamed(lines: list[str]) -> bool:
+    return "simclr: step 2 loss 4.9" in lines
+
+
+def test_pytorchjob_succeeds_streams_the_master_log_and_is_deleted(emulator):
+    job = _job(owner_pod=OWNER["name"])
+    lines: list[str] = []
+    operator = StandInOperator(emulator, job.name, [{"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"}],
+                            until=lambda: _streamed(lines))
+    operator.start()
+    launch(job, backend=_backend(emulator), timeout_s=60, log=lines.append)
+    created = operator.check()
+
+    assert created["metadata"]["ownerReferences"] == [OWNER]  # uid read from the pod
+    assert created["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert emulator.get_job(job.name) is None
+    # each line once, although the log was read several times; a progress bar's \r splits
+    assert [line for line in lines if line.startswith("simclr:")] == ["simclr: step 1 loss 5.1", "simclr: step 2 loss 4.9"]
+    assert "4.8" in lines
+    assert any("succeeded" in line for line in lines)
+    assert any("deleted PyTorchJob" in line for line in lines)
+
+
+def test_failed_pytorchjob_raises_with_its_reason_and_is_deleted(emulator):
+    job = _job(owner_pod=OWNER["name"])
+    failed = {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "pytorchjob simclr-pretrain-run-1 is failed because 1 Master replica(s) failed."}
+    operator = StandInOperator(emulator, job.name, [failed])
+    operator.start()
+    with pytest.raises(LaunchError, match="PyTorchJobFailed: pytorchjob simclr-pretrain-run-1 is failed because 1 Master") as caught:
+        launch(job, backend=_backend(emulator), timeout_s=60, log=lambda line: None)
+    operator.check()
+    assert caught.value.reason == "PyTorchJobFailed"
+    assert emulator.get_job(job.name) is None
+
+
+def test_pytorchjob_timeout_raises_and_deletes_the_job(emulator):
+    job = _job(owner_pod="no-such-pod")
+    lines: list[str] = []
+    operator = StandInOperator(emulator, job.name, conditions=None)  # never finishes
+    operator.start()
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match="did not finish within 2 s \\(timeout\\)") as caught:
+        launch(job, backend=_backend(emulator), timeout_s=2, log=lines.append)
+    assert 2 <= time.monotonic() - started < 10
+    created = operator.check()
+    assert caught.value.reason == "Timeout"
+    assert emulator.get_job(job.name) is None
+    assert created["spec"]["runPolicy"]["activeDeadlineSeconds"] >= 2  # the server-side backstop
+    assert "ownerReferences" not in created["metadata"]  # the owner pod does not exist ...
+    assert any("cannot read pod team-a/no-such-pod" in line for line in lines)  # ... and the log says so
+
+
+def test_a_job_deleted_by_someone_else_is_a_launch_error(emulator):
+    job = _job()
+    operator = StandInOperator(emulator, job.name, "delete")
+    operator.start()
+    with pytest.raises(LaunchError, match="was deleted before it finished") as caught:
+        launch(job, backend=_backend(emulator), timeout_s=60, log=lambda line: None)
+    operator.check()
+    assert caught.value.reason == "Deleted"
+
+
+def test_an_existing_job_of_the_same_name_is_replaced(emulator):
+    job = _job()
+    old = build_pytorchjob(job, NAMESPACE)
+    old["metadata"]["labels"]["generation"] = "old"
+    emulator.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, old)
+    lines: list[str] = []
+    succeeded = [{"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"}]
+    operator = StandInOperator(emulator, job.name, succeeded, is_new=lambda obj: "generation" not in obj["metadata"]["labels"])
+    operator.start()
+    launch(job, backend=_backend(emulator), timeout_s=60, log=lines.append)
+    operator.check()
+    assert any("exists already; replacing it" in line for line in lines)
+    assert emulator.get_job(job.name) is None
+
+
+def test_sigterm_deletes_the_pytorchjob(emulator):
+    """A cancelled pipeline step gets SIGTERM: the launcher deletes its job and fails."""
+    script = textwrap.dedent(f"""
+        import sys
+        from kubernetes import client
+        from components.launcher import PretrainJob, PyTorchJobBackend, launch
+        job = PretrainJob(name="cancelled-run", image="img", simclr_args=[], namespace={NAMESPACE!r})
+        backend = PyTorchJobBackend(api_client=client.ApiClient(client.Configuration(host=sys.argv[1])), watch_timeout_s=1.0)
+        launch(job, backend=backend, timeout_s=120, log=lambda line: print(line, flush=True))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script, emulator.url], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: emulator.get_job("cancelled-run") or process.poll() is not None, "the job", timeout_s=60)
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)  # the launcher is inside its watch now
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert "LaunchError" in stderr and "received SIGTERM" in stderr
+    assert "deleted PyTorchJob team-a/cancelled-run" in stdout
+    assert emulator.get_job("cancelled-run") is None
+
+
+def test_backend_by_name_reads_the_kubeconfig(emulator, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}}],
+        "users": [{"name": "tester", "user": {"token": "unused"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "kmock", "user": "tester", "namespace": NAMESPACE}}],
+    }))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    job = _job(namespace="")  # the context's namespace
+    failed = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too slow"}
+    operator = StandInOperator(emulator, job.name, [failed])
+    operator.start()
+    with pytest.raises(LaunchError, match="DeadlineExceeded: too slow"):
+        launch(job, backend="pytorchjob", timeout_s=60, log=lambda line: None)
+    assert operator.check()["metadata"]["namespace"] == NAMESPACE
+    assert emulator.get_job(job.name) is None
+
+
+def test_no_cluster_configuration_is_a_launch_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(LaunchError, match="no Kubernetes configuration"):
+        launch(_job(), backend="pytorchjob")
+
+
+# ------------------------------------------------------------------------------ local backend
+
+
+def _local_job(out: Path, data: Path, *extra: str, procs: int = 1) -> PretrainJob:
+    args = ["--data", str(data), "--out", str(out), "--device", "cpu", *TINY_PRETRAIN, "--epochs", "1", "--batch-size", "48", *extra]
+    return PretrainJob(name="local-run", image="unused", simclr_args=args, procs_per_node=procs, env={"OMP_NUM_THREADS": "1"})
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = next((l for l in (entry / "status").read_text().splitlines() if l.startswith("State:")), "")
+            except OSError:
+                continue
+            if marker in cmdline and "zombie" not in state:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _all_gone(marker: str, timeout_s: float = 10.0) -> list[int]:
+    """Wait until no live process mentions ``marker`` (SIGKILL takes effect asynchronously,
+    slower on a loaded machine); return those still alive."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := _processes_mentioning(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+@pytest.mark.multiproc
+def test_local_backend_runs_torchrun_with_two_processes(tiny_prepared, tmp_path):
+    lines: list[str] = []
+    launch(_local_job(tmp_path / "run", tiny_prepared, procs=2), backend="local", timeout_s=300, log=lines.append)
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert any("2 process(es)" in line for line in lines), "\n".join(lines)
+    assert any("--nproc-per-node 2" in line for line in lines)
+
+
+def test_local_backend_failure_carries_the_exit_code(tmp_path):
+    job = _local_job(tmp_path / "run", tmp_path / "no-such-dataset")
+    lines: list[str] = []
+    with pytest.raises(LaunchError, match="exited with code 1") as caught:
+        launch(job, backend="local", timeout_s=120, log=lines.append)
+    assert caught.value.exit_code == 1 and caught.value.reason == "ExitCode"
+    assert any("no-such-dataset" in line for line in lines)  # simclr's own message reached the log
+
+
+def test_local_backend_refuses_several_nodes(tmp_path):
+    job = _local_job(tmp_path / "run", tmp_path)
+    job.num_nodes = 2
+    with pytest.raises(LaunchError, match="num_nodes must be 1"):
+        launch(job, backend="local")
+
+
+def test_local_backend_timeout_kills_the_process_group(tiny_prepared, tmp_path):
+    out = tmp_path / "timeout-run"
+    job = _local_job(out, tiny_prepared, "--epochs", "100000")
+    most, running = [0], threading.Event()
+
+    def count_processes():  # torchrun and its worker, while the launcher waits
+        while not running.wait(0.2):
+            most[0] = max(most[0], len(_processes_mentioning(str(out))))
+
+    counter = threading.Thread(target=count_processes, daemon=True)
+    counter.start()
+    with pytest.raises(LaunchError, match="did not finish within 10 s \\(timeout\\)") as caught:
+        launch(job, backend="local", timeout_s=10, log=lambda line: None)
+    running.set()
+    counter.join()
+    assert caught.value.reason == "Timeout"
+    assert most[0] >= 2, "the worker never started: the test proves nothing"
+    assert _all_gone(str(out)) == []
+
+
+@pytest.mark.multiproc
+def test_sigterm_stops_the_local_run(tiny_prepared, tmp_path):
+    out = tmp_path / "cancelled-run"
+    script = textwrap.dedent("""
+        import json, os
+        from components.launcher import PretrainJob, launch
+        job = PretrainJob(**json.loads(os.environ["LAUNCHER_TEST_JOB"]))
+        launch(job, backend="local", log=lambda line: print(line, flush=True))
+    """)
+    job = _local_job(out, tiny_prepared, "--epochs", "100000", procs=2)
+    spec = {"name": job.name, "image": job.image, "simclr_args": job.simclr_args, "procs_per_node": 2, "env": job.env}
+    env = {**os.environ, "LAUNCHER_TEST_JOB": json.dumps(spec)}  # the marker stays out of this command line
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(_processes_mentioning(str(out))) >= 3 or process.poll() is not None, "torchrun and its two workers", timeout_s=120)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1 and "received SIGTERM" in stderr
+    assert _all_gone(str(out)) == []
