@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+bash scripts/setup_tools.sh    # checkov + PodMonitor types in .venv-tools (they cannot share .venv)
 exec .venv/bin/python -m pytest -m "not slow" "$@"

@@ -1,0 +1,479 @@
+"""manifests/ against the real tools: kustomize (kubectl's), the Kubernetes schemas
+(kubernetes-validate, offline), the PyTorchJob CRD's openAPIV3Schema, the Prometheus
+operator's PodMonitor types, and the checkov security scanner."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.tools import failed_checks, run_checkov, skipped_checks, tools_python
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+# ../shared/schemas beside the clone (CI and the development machines have it).
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+PYTORCHJOB_CRD = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
+
+# The Kubernetes release the core kinds are validated against (the oldest kubernetes-validate
+# ships; the manifests use nothing newer).
+KUBERNETES_VERSION = "1.32.0"
+IMAGE = "ghcr.io/simclr-kubeflow/simclr:0.1.0"
+UID = 10001  # the Dockerfile's SIMCLR_UID
+TRAINER_LABEL = {"app.kubernetes.io/name": "simclr-pretrain"}  # what the launcher puts on its pods
+PRETRAIN_COMMAND = [
+    "torchrun", "--no-python", "simclr", "pretrain",
+    "--data", "/mnt/simclr/data/prepared", "--out", "/mnt/simclr/runs/pretrain",
+]
+
+# Every checkov check the manifests skip, with an annotation that says why (README of the
+# review: a new skip needs a reason there and an entry here).
+ALLOWED_K8S_SKIPS = {
+    "CKV_K8S_8",   # liveness probe: batch training pods, the operator restarts failed ones
+    "CKV_K8S_9",   # readiness probe: no Service sends traffic to training pods
+    "CKV_K8S_43",  # image digest: the user's own image; pinned by kustomization.yaml images:
+}
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _kustomization() -> dict:
+    return yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+
+
+def _resources() -> dict[str, list[dict]]:
+    """file name -> the objects it holds, for every resource the kustomization lists."""
+    return {
+        name: [doc for doc in yaml.safe_load_all((MANIFESTS / name).read_text()) if doc]
+        for name in _kustomization()["resources"]
+    }
+
+
+def _objects() -> list[dict]:
+    return [doc for docs in _resources().values() for doc in docs]
+
+
+def _one(kind: str, name: str | None = None) -> dict:
+    found = [o for o in _objects() if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _kustomize_command() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
+
+
+def _kustomize(directory: Path) -> list[dict]:
+    """`kubectl kustomize DIR` (or `kustomize build DIR`), parsed."""
+    command = _kustomize_command()
+    if command is None:
+        pytest.skip("neither kubectl nor kustomize is installed (apt-get install kubectl)")
+    command = [*command, str(directory)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _pod_specs(obj: dict) -> dict[str, dict]:
+    """role -> pod template of a PyTorchJob, or of a Job."""
+    if obj["kind"] == "PyTorchJob":
+        return {role: spec["template"] for role, spec in obj["spec"]["pytorchReplicaSpecs"].items()}
+    if obj["kind"] == "Job":
+        return {"job": obj["spec"]["template"]}
+    return {}
+
+
+def _as_pods(obj: dict) -> list[dict]:
+    """The Pods a PyTorchJob's replica templates become (what checkov and the API check)."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{obj['metadata']['name']}-{role.lower()}-0",
+                "namespace": obj["metadata"].get("namespace", "default"),
+                **copy.deepcopy(template.get("metadata", {})),
+            },
+            "spec": {**copy.deepcopy(template["spec"]), "restartPolicy": obj["spec"]["pytorchReplicaSpecs"][role]["restartPolicy"]},
+        }
+        for role, template in _pod_specs(obj).items()
+    ]
+
+
+def _strict(schema):
+    """A copy of a CRD schema that rejects unknown fields, as the API server does for a
+    structural schema under `kubectl apply` (field validation Strict, kubectl >= 1.27)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _pytorchjob_schema() -> dict:
+    assert PYTORCHJOB_CRD.is_file(), f"the PyTorchJob CRD is missing: {PYTORCHJOB_CRD} (../shared/schemas beside the clone)"
+    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+# ------------------------------------------------------------------------------ kustomize
+
+
+def test_kustomization_lists_every_manifest_and_each_exists():
+    listed = _kustomization()["resources"]
+    assert len(listed) == len(set(listed)), "a resource is listed twice"
+    for name in listed:
+        assert (MANIFESTS / name).is_file(), f"kustomization.yaml lists {name}, which does not exist"
+    on_disk = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk == set(listed), f"manifests not in kustomization.yaml: {sorted(on_disk - set(listed))}"
+    for name, docs in _resources().items():
+        assert docs, f"{name} holds no object"
+
+
+def test_kustomize_build_renders_every_object_into_one_namespace():
+    built = _kustomize(MANIFESTS)
+    namespace = _kustomization()["namespace"]
+    key = lambda o: (o["apiVersion"], o["kind"], o["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, built)) == sorted(map(key, _objects()))
+    for obj in built:
+        assert obj["metadata"]["namespace"] == namespace, key(obj)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "simclr-kubeflow", key(obj)
+        for template in _pod_specs(obj).values():
+            for container in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+                assert container["image"] == IMAGE, (key(obj), container["name"])
+    binding = next(o for o in built if o["kind"] == "RoleBinding")
+    assert binding["subjects"][0]["namespace"] == namespace
+
+
+def test_an_overlay_retargets_the_image_and_namespace_of_every_object(tmp_path):
+    """What the kustomization's comments tell users to do reaches the PyTorchJob's containers
+    too (kustomize's image transformer must find them in a custom resource)."""
+    digest = "sha256:" + "0" * 64
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "team-a",
+        "resources": [os.path.relpath(MANIFESTS, tmp_path)],
+        "images": [{"name": "ghcr.io/simclr-kubeflow/simclr", "newName": "registry.example.com/simclr", "digest": digest}],
+    }))
+    built = _kustomize(tmp_path)
+    images = [
+        container["image"]
+        for obj in built
+        for template in _pod_specs(obj).values()
+        for container in template["spec"].get("initContainers", []) + template["spec"]["containers"]
+    ]
+    assert len(images) == 5  # prepare; Master and Worker: wait-for-data + pytorch
+    assert set(images) == {f"registry.example.com/simclr@{digest}"}
+    assert {o["metadata"]["namespace"] for o in built} == {"team-a"}
+    binding = next(o for o in built if o["kind"] == "RoleBinding")
+    assert binding["subjects"][0]["namespace"] == "team-a"
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+CORE_API_VERSIONS = {"v1", "rbac.authorization.k8s.io/v1", "batch/v1", "networking.k8s.io/v1"}
+
+
+@pytest.mark.parametrize("name", sorted(_kustomization()["resources"]))
+def test_core_objects_validate_against_the_kubernetes_schemas(name):
+    """kubernetes-validate, strict (unknown fields are errors), for a pinned release; the
+    PyTorchJob's replica templates are validated as the Pods they become."""
+    for obj in _resources()[name]:
+        if obj["apiVersion"] in CORE_API_VERSIONS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        elif obj["kind"] == "PyTorchJob":
+            for pod in _as_pods(obj):
+                kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+        else:
+            assert obj["kind"] == "PodMonitor", f"{name}: {obj['kind']} is validated nowhere"
+
+
+def test_kubernetes_validate_would_catch_a_typo():
+    """The control for the test above: strict validation rejects an unknown field."""
+    pvc = copy.deepcopy(_one("PersistentVolumeClaim"))
+    pvc["spec"]["accesModes"] = pvc["spec"].pop("accessModes")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pvc, KUBERNETES_VERSION, strict=True)
+    job = copy.deepcopy(_one("PyTorchJob"))
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        for pod in _as_pods(job):
+            kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+def test_pytorchjob_validates_against_the_crd_schema():
+    schema = _pytorchjob_schema()
+    job = _one("PyTorchJob")
+    for validator_schema in (schema, _strict(schema)):
+        errors = sorted(jsonschema.Draft7Validator(validator_schema).iter_errors(job), key=str)
+        assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_the_crd_schema_would_catch_mistakes():
+    schema = _pytorchjob_schema()
+    strict = jsonschema.Draft7Validator(_strict(schema))
+    plain = jsonschema.Draft7Validator(schema)
+    job = copy.deepcopy(_one("PyTorchJob"))
+    job["spec"]["nprocPerNode"] = 1  # a string in the CRD
+    assert list(plain.iter_errors(job))
+    job = copy.deepcopy(_one("PyTorchJob"))
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "1"  # an integer
+    assert list(plain.iter_errors(job))
+    job = copy.deepcopy(_one("PyTorchJob"))
+    del job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"]  # required
+    assert list(plain.iter_errors(job))
+    job = copy.deepcopy(_one("PyTorchJob"))
+    job["spec"]["nprocsPerNode"] = job["spec"].pop("nprocPerNode")  # pruned by the server
+    assert not list(plain.iter_errors(job)) and list(strict.iter_errors(job))
+
+
+# A PodMonitor checked by the Prometheus operator's own types (generated from its CRDs, in
+# .venv-tools): pydantic rejects wrong types and values, and the round trip through the model
+# must give back every field (a field the CRD does not know would be dropped).
+_PODMONITOR_CHECK = """
+import json, sys
+from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+results = []
+for doc in json.load(sys.stdin):
+    try:
+        back = PodMonitor.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+        results.append("ok" if back == doc else "unknown fields: " + json.dumps(back) + " != " + json.dumps(doc))
+    except Exception as error:
+        results.append(str(error))
+print(json.dumps(results))
+"""
+
+
+def _check_podmonitors(docs: list[dict]) -> list[str]:
+    result = subprocess.run(
+        [str(tools_python()), "-c", _PODMONITOR_CHECK], input=json.dumps(docs), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_podmonitor_validates_against_the_prometheus_operator_types():
+    monitor = _one("PodMonitor")
+    typo = copy.deepcopy(monitor)
+    typo["spec"]["podMetricEndpoints"] = typo["spec"].pop("podMetricsEndpoints")
+    wrong_type = copy.deepcopy(monitor)
+    wrong_type["spec"]["podMetricsEndpoints"][0]["scheme"] = "tcp"
+    ok, typo_result, wrong_type_result = _check_podmonitors([monitor, typo, wrong_type])
+    assert ok == "ok", ok
+    assert typo_result.startswith("unknown fields"), typo_result  # the controls: both caught
+    assert "scheme" in wrong_type_result, wrong_type_result
+
+
+# ------------------------------------------------------------------------------ what they say
+
+
+def test_podmonitor_scrapes_the_trainer_pods_metrics_port():
+    monitor = _one("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"] == {"matchLabels": TRAINER_LABEL}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    for template in _pod_specs(_one("PyTorchJob")).values():
+        labels = template["metadata"]["labels"]
+        assert TRAINER_LABEL.items() <= labels.items()
+        (container,) = template["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+
+
+def test_rbac_grants_exactly_pytorchjobs_and_pod_reads_in_one_namespace():
+    role = _one("Role", "simclr-pipeline")
+    rules = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
+    }
+    expected = {("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
+    expected |= {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list", "watch")}
+    assert rules == expected
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames/nonResourceURLs"
+        assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
+    binding = _one("RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "simclr-pipeline"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "simclr-pipeline", "namespace": role["metadata"]["namespace"]}]
+    kinds = [o["kind"] for o in _objects()]
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert kinds.count("Role") == 1 and kinds.count("RoleBinding") == 1
+    assert _one("ServiceAccount", "simclr-pipeline").get("automountServiceAccountToken", True) is True
+    # The trainer's account gets nothing: no binding, no token.
+    assert _one("ServiceAccount", "simclr-trainer")["automountServiceAccountToken"] is False
+
+
+def test_pvc_is_shared_by_every_node():
+    pvc = _one("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    size = pvc["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and int(size[:-2]) >= 20
+
+
+def _containers(template: dict) -> list[dict]:
+    return template["spec"].get("initContainers", []) + template["spec"]["containers"]
+
+
+@pytest.mark.parametrize("kind", ["PyTorchJob", "Job"])
+def test_every_pod_runs_locked_down(kind):
+    """Non-root (the image's numeric user), no privilege escalation, read-only root
+    filesystem, no capabilities, RuntimeDefault seccomp, requests and limits, no API token."""
+    pvc = _one("PersistentVolumeClaim")["metadata"]["name"]
+    for role, template in _pod_specs(_one(kind)).items():
+        spec = template["spec"]
+        assert spec["serviceAccountName"] == "simclr-trainer" and spec["automountServiceAccountToken"] is False
+        assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] == UID
+        assert pod_security["fsGroup"] == UID and pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in _containers(template):
+            where = (kind, role, container["name"])
+            security = container["securityContext"]
+            assert security["runAsNonRoot"] is True and security["runAsUser"] == UID, where
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["capabilities"] == {"drop": ["ALL"]}, where
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert security.get("privileged", False) is False, where
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), (where, bound)
+            assert container["image"] == IMAGE, where
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, (where, mount)
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == pvc
+
+
+def test_pytorchjob_is_a_two_node_torchrun_of_simclr_pretrain():
+    job = _one("PyTorchJob")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    spec = job["spec"]
+    assert isinstance(spec["nprocPerNode"], str) and spec["nprocPerNode"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    assert {r["restartPolicy"] for r in replicas.values()} == {"OnFailure"}
+    # One pod template for every node (the file spells it out twice).
+    assert replicas["Master"]["template"] == replicas["Worker"]["template"]
+    template = replicas["Master"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["name"] == "pytorch"  # the Training Operator looks for this name
+    assert container["command"] == PRETRAIN_COMMAND and "args" not in container
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/mnt/simclr": "data", "/dev/shm": "dshm", "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes["tmp"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HOME"].startswith("/tmp")  # writable with a read-only root filesystem
+
+
+def test_prepare_job_writes_where_pretraining_reads():
+    (container,) = _one("Job", "simclr-prepare")["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["simclr", "prepare"]
+    out = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--out=")]
+    assert out == [PRETRAIN_COMMAND[PRETRAIN_COMMAND.index("--data") + 1]]
+    (wait,) = _one("PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["initContainers"]
+    assert f"{out[0]}/manifest.json" in wait["args"][0]
+
+
+def test_network_policies_select_the_pods_they_protect():
+    policies = {o["metadata"]["name"]: o for o in _objects() if o["kind"] == "NetworkPolicy"}
+    trainer = policies["simclr-pretrain"]["spec"]
+    assert trainer["podSelector"] == {"matchLabels": TRAINER_LABEL}
+    peers, metrics = trainer["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": TRAINER_LABEL}}]}
+    assert metrics["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    job_labels = _one("Job")["spec"]["template"]["metadata"]["labels"]
+    prepare = policies["simclr-prepare"]["spec"]
+    assert prepare["podSelector"]["matchLabels"].items() <= job_labels.items()
+    assert "ingress" not in prepare and prepare["policyTypes"] == ["Ingress"]
+
+
+def test_the_manifests_cover_the_pods_the_pipelines_launcher_creates():
+    """The PyTorchJobs the pretrain step creates (components/launcher) are scraped by the
+    PodMonitor, admitted by the NetworkPolicy, run as the image's user and mount this PVC."""
+    from components.launcher.core import PretrainJob
+    from components.launcher.pytorchjob import build_pytorchjob
+
+    pvc = _one("PersistentVolumeClaim")["metadata"]["name"]
+    job = build_pytorchjob(
+        PretrainJob(name="simclr-run-1", image=IMAGE, simclr_args=PRETRAIN_COMMAND[4:], num_nodes=3, pvc_name=pvc),
+        namespace=_kustomization()["namespace"],
+    )
+    monitor = _one("PodMonitor")["spec"]
+    policy = _one("NetworkPolicy", "simclr-pretrain")["spec"]
+    pods = _as_pods(job)
+    assert len(pods) == 2  # Master, Worker (x2)
+    for pod in pods:
+        labels = pod["metadata"]["labels"]
+        assert monitor["selector"]["matchLabels"].items() <= labels.items()
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+        (container,) = pod["spec"]["containers"]
+        assert any(p["name"] == monitor["podMetricsEndpoints"][0]["port"] and p["containerPort"] == 9090 for p in container["ports"])
+        assert pod["spec"]["securityContext"]["runAsUser"] == UID
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [pvc]
+        kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+# ------------------------------------------------------------------------------ checkov
+
+
+def _assert_clean(report: dict, allowed_skips: set[str]) -> None:
+    assert report["summary"]["parsing_errors"] == 0, report["summary"]
+    assert not failed_checks(report), "checkov found:\n" + "\n".join(failed_checks(report))
+    skipped = skipped_checks(report)
+    assert set(skipped) <= allowed_skips, f"skipped without a test entry: {set(skipped) - allowed_skips}"
+    for check_id, reasons in skipped.items():
+        for reason in reasons:
+            assert len(reason) > 30 and reason != "No comment provided", (check_id, reason)
+
+
+def test_checkov_passes_on_the_manifests():
+    """`checkov -d manifests --framework kubernetes`, as a user or CI would run it."""
+    report = run_checkov("-d", str(MANIFESTS.relative_to(ROOT)), "--framework", "kubernetes")
+    _assert_clean(report, ALLOWED_K8S_SKIPS)
+    assert report["summary"]["passed"] >= 90, report["summary"]  # the Job alone has ~80 checks
+
+
+def test_checkov_passes_on_the_pytorchjob_pods(tmp_path):
+    """checkov does not look inside a custom resource, so the kustomize-built manifests are
+    scanned with each PyTorchJob replaced by the Pods its replica templates become (beside the
+    NetworkPolicies that must select them)."""
+    # What kubectl applies; without kustomize, the files (each names its namespace too).
+    built = _kustomize(MANIFESTS) if _kustomize_command() else _objects()
+    rendered = []
+    for obj in built:
+        rendered.extend(_as_pods(obj) if obj["kind"] == "PyTorchJob" else [obj])
+    (tmp_path / "rendered.yaml").write_text(yaml.safe_dump_all(rendered, sort_keys=False))
+    report = run_checkov("-f", str(tmp_path / "rendered.yaml"), "--framework", "kubernetes")
+    _assert_clean(report, ALLOWED_K8S_SKIPS)
+    pod_checks = [c for c in report["results"]["passed_checks"] if c["resource"].startswith("Pod.")]
+    assert len({c["check_id"] for c in pod_checks}) >= 60, "checkov did not scan the replica Pods"
+    assert {c["resource"].split(".")[2] for c in pod_checks} >= {"simclr-pretrain-master-0", "simclr-pretrain-worker-0"}
