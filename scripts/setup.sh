@@ -13,6 +13,11 @@ APT_PACKAGES=()
 command -v git >/dev/null 2>&1 || APT_PACKAGES+=(git)
 # Real Fashion-MNIST for the default run, from Debian (nothing is downloaded at run time).
 [ -d /usr/share/datasets/fashion-mnist ] || APT_PACKAGES+=(dataset-fashion-mnist)
+# The tests start Debian's Prometheus server (and Pushgateway) on 127.0.0.1.
+if [ "$EXTRAS" = "test" ]; then
+    command -v prometheus >/dev/null 2>&1 || APT_PACKAGES+=(prometheus)
+    command -v prometheus-pushgateway >/dev/null 2>&1 || APT_PACKAGES+=(prometheus-pushgateway)
+fi
 if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
     echo "setup: installing ${APT_PACKAGES[*]} with apt-get" >&2
     $SUDO apt-get update -qq

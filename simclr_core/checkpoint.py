@@ -1,19 +1,47 @@
-"""Checkpoints: written atomically, loaded without unpickling code.
+"""Checkpoints: written atomically, verified by sha256, loaded without unpickling code.
 
 A checkpoint is a dict of tensors and plain Python values saved with ``torch.save`` and read
-with ``torch.load(weights_only=True)``, so a file that carries code is refused.
+with ``torch.load(weights_only=True)``: a file that carries code (a pickled callable, say) is
+refused, never run.
+
+:class:`CheckpointManager` keeps a run's checkpoints in a store (a local directory or a
+gs:// prefix)::
+
+    checkpoints/step-00000300.pt        the state
+    checkpoints/step-00000300.pt.json   its metadata: step, sha256, size, kNN accuracy, time
+    checkpoints/latest.json             the newest metadata, written last (the commit point)
+
+A save writes the state (temporary name + fsync + rename locally; one upload on GCS), then
+its metadata, then ``latest.json``; a process killed at any moment leaves the previous
+checkpoint as the latest. Loading checks the sha256; a checkpoint that fails the check (or
+cannot be read) is skipped with a warning for the next older one. Saves keep the last
+``keep_last`` checkpoints plus the best by kNN accuracy.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from simclr_core.storage import write_atomic
+from simclr_core.storage import Store, StorageError, is_remote, read_bytes, write_atomic
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointManager"]
+
+log = logging.getLogger("simclr.checkpoint")
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = f"{CHECKPOINT_DIR}/latest.json"
+_NAME = re.compile(r"^step-(\d{8,})\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -21,19 +49,148 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically: temporary file, fsync, rename."""
+    """Write ``state`` to the local ``path`` atomically: temporary file, fsync, rename."""
     write_atomic(path, lambda stream: torch.save(state, stream), mode="wb")
 
 
+def _load_bytes(data: bytes, source: str, map_location: str | torch.device) -> dict[str, Any]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:  # refused globals, pickle errors, truncated files
+        text = str(error)
+        refused = re.search(r"GLOBAL (\S+)", text)
+        if refused:
+            raise CheckpointError(
+                f"checkpoint {source} was refused: it asks to import {refused.group(1)}, and a checkpoint may only hold "
+                "tensors and plain values. It was not unpickled; load only checkpoints written by `simclr pretrain`"
+            ) from None
+        reason = "truncated or corrupt" if "zip archive" in text else "not a torch checkpoint, or corrupt"
+        raise CheckpointError(f"checkpoint {source} cannot be read: {reason}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {source} does not hold a state dict")
+    return state
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a checkpoint (local path or gs:// URI) of tensors and plain values only."""
+    if not is_remote(path) and not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # pickle errors, truncated files, refused globals
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {error}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict")
-    return state
+        data = read_bytes(path)
+    except StorageError as error:
+        raise CheckpointError(f"checkpoint {error}") from None
+    return _load_bytes(data, str(path), map_location)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointManager:
+    """The checkpoints of one run in ``store`` (see the module docstring for the layout)."""
+
+    def __init__(self, store: Store, keep_last: int = 3) -> None:
+        self.store = store
+        self.keep_last = keep_last
+
+    # -------------------------------------------------------------- saving
+
+    def save(self, state: dict[str, Any], step: int, knn_accuracy: float | None = None) -> dict[str, Any]:
+        """Write ``state`` as the checkpoint of ``step`` and make it the latest; returns its metadata."""
+        name = f"{CHECKPOINT_DIR}/step-{step:08d}.pt"
+        handle, tmp_name = tempfile.mkstemp(prefix=".step-", suffix=".tmp", dir=self._scratch())
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(state, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            meta = {
+                "file": name, "step": step, "sha256": _sha256_file(tmp), "bytes": tmp.stat().st_size,
+                "knn_accuracy": knn_accuracy, "saved_at": time.time(),
+            }
+            self.store.put_file(tmp, name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        text = json.dumps(meta, sort_keys=True).encode()
+        self.store.write_bytes(f"{name}.json", text)
+        self.store.write_bytes(LATEST, text)  # the commit point
+        self._prune()
+        return meta
+
+    def _scratch(self) -> Path:
+        """Where a checkpoint is written before it is renamed (locally) or uploaded (GCS)."""
+        scratch = self.store.scratch_dir() / CHECKPOINT_DIR
+        scratch.mkdir(parents=True, exist_ok=True)
+        return scratch
+
+    def _prune(self) -> None:
+        """Keep the last ``keep_last`` checkpoints and the best by kNN accuracy; delete the rest."""
+        metas = self.list()
+        keep = {meta["file"] for meta in metas[: self.keep_last]}
+        scored = [meta for meta in metas if meta.get("knn_accuracy") is not None]
+        if scored:
+            keep.add(max(scored, key=lambda meta: (meta["knn_accuracy"], meta["step"]))["file"])
+        for meta in metas:
+            if meta["file"] not in keep:
+                self.store.delete(f"{meta['file']}.json")  # metadata first: a lone .pt is never loaded
+                self.store.delete(meta["file"])
+        for stale in self._scratch().glob(".step-*.tmp"):  # left by writes killed half-way
+            stale.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Delete every checkpoint of this run (another run is about to start here)."""
+        self.store.delete(LATEST)
+        for key in self.store.list(CHECKPOINT_DIR):
+            if key.endswith(".json"):
+                self.store.delete(key)
+        for key in self.store.list(CHECKPOINT_DIR):
+            self.store.delete(key)
+
+    # -------------------------------------------------------------- loading
+
+    def list(self) -> list[dict[str, Any]]:
+        """Metadata of the stored checkpoints, newest first (unreadable metadata is skipped)."""
+        metas = []
+        for key in self.store.list(CHECKPOINT_DIR):
+            if key.endswith(".pt.json") and _NAME.match(Path(key[: -len(".json")]).name):
+                try:
+                    metas.append(json.loads(self.store.read_bytes(key)))
+                except (ValueError, StorageError) as error:
+                    log.warning("skipping checkpoint metadata %s: %s", self.store.uri(key), error)
+        return sorted(metas, key=lambda meta: meta["step"], reverse=True)
+
+    def best(self) -> dict[str, Any] | None:
+        scored = [meta for meta in self.list() if meta.get("knn_accuracy") is not None]
+        return max(scored, key=lambda meta: (meta["knn_accuracy"], meta["step"])) if scored else None
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(state, metadata) of the newest checkpoint that passes its sha256 check, or None.
+
+        Tries ``latest.json`` first, then every checkpoint by decreasing step; each one that
+        is missing, fails its check or cannot be loaded is skipped with a warning.
+        """
+        candidates = []
+        if self.store.exists(LATEST):
+            try:
+                candidates.append(json.loads(self.store.read_bytes(LATEST)))
+            except ValueError as error:
+                log.warning("ignoring %s: %s", self.store.uri(LATEST), error)
+        candidates += [meta for meta in self.list() if not candidates or meta["file"] != candidates[0]["file"]]
+        for meta in candidates:
+            try:
+                return self._load_verified(meta, map_location), meta
+            except (CheckpointError, StorageError) as error:
+                log.warning("skipping checkpoint %s: %s; trying the previous one", self.store.uri(meta["file"]), error)
+        return None
+
+    def _load_verified(self, meta: dict[str, Any], map_location: str | torch.device) -> dict[str, Any]:
+        data = self.store.read_bytes(meta["file"])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != meta["sha256"]:
+            raise CheckpointError(f"sha256 {digest[:12]}... does not match its metadata's {meta['sha256'][:12]}... (corrupt or truncated)")
+        return _load_bytes(data, self.store.uri(meta["file"]), map_location)

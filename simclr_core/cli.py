@@ -10,6 +10,7 @@ the field or file), 1 any other failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -70,9 +71,14 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from simclr_core.config import PrepareConfig, config_from_args
     from simclr_core.data import prepare
+    from simclr_core.storage import is_remote, staged_input, staged_output
 
     config = config_from_args(PrepareConfig, args.section, args)
-    manifest = prepare(config, args.out)
+    with contextlib.ExitStack() as stack:
+        if is_remote(config.source_root):
+            config = dataclasses.replace(config, source_root=str(stack.enter_context(staged_input(config.source_root))))
+        out = stack.enter_context(staged_output(args.out, last=("manifest.json",)))  # the manifest goes up last
+        manifest = prepare(config, out)
     splits = ", ".join(f"{name} {info['images']}" for name, info in manifest["splits"].items())
     log.info("prepared %s into %s: %s images of shape %s", config.source, args.out, splits, manifest["image_shape"])
     if manifest["skipped"]:
@@ -83,6 +89,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.config import PretrainConfig, config_from_args
     from simclr_core.distributed import destroy_distributed, init_distributed
+    from simclr_core.storage import staged_input
     from simclr_core.train import check_world_size, pretrain
 
     config = config_from_args(PretrainConfig, "pretrain", args)
@@ -92,7 +99,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        pretrain(config, args.data, args.out, env)
+        with staged_input(args.data) as data:
+            pretrain(config, data, args.out, env)
     finally:
         destroy_distributed()
     return EXIT_OK
@@ -101,10 +109,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_linear_eval(args: argparse.Namespace) -> int:
     from simclr_core.config import LinearEvalConfig, config_from_args
     from simclr_core.evaluate import linear_eval
-    from simclr_core.storage import write_json
+    from simclr_core.storage import staged_input, staged_output, write_json
 
     config = config_from_args(LinearEvalConfig, "linear_eval", args)
-    results = linear_eval(args.model, args.data, config, _device(args))
+    with staged_input(args.data) as data:
+        results = linear_eval(args.model, data, config, _device(args))
     pretrained, baseline = results["pretrained"], results["random_init"]
     metrics = {
         "top1": pretrained["top1"],
@@ -119,9 +128,9 @@ def _cmd_linear_eval(args: argparse.Namespace) -> int:
         {"actual": names[a], "predicted": names[p]}
         for a, p in zip(pretrained["actual"].tolist(), pretrained["predicted"].tolist())
     ]
-    out = Path(args.out)
-    write_json(out / "confusion.json", confusion)
-    write_json(out / "metrics.json", metrics)
+    with staged_output(args.out) as out:
+        write_json(out / "confusion.json", confusion)
+        write_json(out / "metrics.json", metrics)
     log.info(
         "linear eval: top-1 %.2f%% (random init %.2f%%), top-5 %.2f%%",
         100 * metrics["top1"], 100 * metrics["random_init_top1"], 100 * metrics["top5"],
@@ -136,10 +145,11 @@ def _fraction_key(fraction: str) -> str:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from simclr_core.config import FinetuneConfig, config_from_args
     from simclr_core.evaluate import finetune
-    from simclr_core.storage import write_json
+    from simclr_core.storage import staged_input, staged_output, write_json
 
     config = config_from_args(FinetuneConfig, "finetune", args)
-    results = finetune(args.model, args.data, config, _device(args), log=log.info)
+    with staged_input(args.data) as data:
+        results = finetune(args.model, data, config, _device(args), log=log.info)
     metrics = {}
     for fraction, pair in results.items():
         metrics[_fraction_key(fraction)] = {
@@ -152,21 +162,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             "finetune on %s of the labels: top-1 %.2f%% (from scratch %.2f%%)",
             fraction, 100 * pair["pretrained"]["top1"], 100 * pair["scratch"]["top1"],
         )
-    write_json(Path(args.out) / "metrics.json", metrics)
+    with staged_output(args.out) as out:
+        write_json(out / "metrics.json", metrics)
     return EXIT_OK
 
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from simclr_core.config import TransferConfig, config_from_args
     from simclr_core.evaluate import transfer
-    from simclr_core.storage import write_json
+    from simclr_core.storage import staged_input, staged_output, write_json
 
     config = config_from_args(TransferConfig, "transfer", args)
-    results = transfer(args.model, args.data, config, _device(args), log=log.info)
+    with staged_input(args.data) as data:
+        results = transfer(args.model, data, config, _device(args), log=log.info)
     metrics = {
         f"{name}_{key}": value for name, values in results.items() for key, value in values.items() if key in ("top1", "top5", "l2")
     }
-    write_json(Path(args.out) / "metrics.json", metrics)
+    with staged_output(args.out) as out:
+        write_json(out / "metrics.json", metrics)
     text = ", ".join(f"{name} {100 * values['top1']:.2f}%" for name, values in results.items())
     log.info("transfer top-1: %s", text)
     return EXIT_OK
@@ -174,11 +187,11 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from simclr_core.report import pretrain_report
-    from simclr_core.storage import write_json
+    from simclr_core.storage import staged_input, staged_output, write_json
 
-    out = Path(args.out)
-    summary = pretrain_report(args.run, args.data, out / "report.html", _device(args))
-    write_json(out / "metrics.json", summary)
+    with staged_input(args.run) as run, staged_input(args.data) as data, staged_output(args.out) as out:
+        summary = pretrain_report(run, data, out / "report.html", _device(args))
+        write_json(out / "metrics.json", summary)
     log.info("report: %s (%.1f%% of nearest neighbours share the query's class)", out / "report.html", 100 * summary["neighbour_precision"])
     return EXIT_OK
 
@@ -259,12 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     from simclr_core.checkpoint import CheckpointError
     from simclr_core.config import ConfigError
     from simclr_core.data import SourceError
+    from simclr_core.storage import StorageError, StorageUnavailable
+    from simclr_core.train import TrainingError
 
     try:
         return args.handler(args)
-    except (UsageError, ConfigError, SourceError, CheckpointError) as error:
+    except (UsageError, ConfigError, SourceError, CheckpointError, StorageError) as error:
         print(f"simclr {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except (TrainingError, StorageUnavailable) as error:
+        print(f"simclr {args.command}: failed: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:  # a full disk, a read-only volume: the message names the file
+        log.debug("I/O failure", exc_info=True)
+        print(f"simclr {args.command}: failed: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 

@@ -90,6 +90,9 @@ class PretrainConfig:
     knn_temperature: float = 0.1
     knn_bank_size: int = 10000  # labelled training images in the kNN memory bank (0 = all)
     num_threads: int = 0  # torch CPU threads per process (0 = torch's default)
+    keep_checkpoints: int = 3  # the last K checkpoints kept (the best by kNN accuracy is kept too)
+    metrics_port: int = 0  # Prometheus endpoint on this port + local rank (0 = off)
+    metrics_pushgateway: str = ""  # Pushgateway address (host:port) to push to at epoch ends ("" = off)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "pretrain.epochs", ">= 1", self.epochs)
@@ -106,6 +109,8 @@ class PretrainConfig:
         _check(self.image_size >= 0, "pretrain.image_size", ">= 0", self.image_size)
         _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", ">= 0", self.checkpoint_every)
         _check(self.knn_k >= 1, "pretrain.knn_k", ">= 1", self.knn_k)
+        _check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _check(0 <= self.metrics_port <= 65535, "pretrain.metrics_port", "a TCP port in [0, 65535] (0 = off)", self.metrics_port)
 
 
 @dataclasses.dataclass

@@ -1,14 +1,53 @@
-"""Writing results without leaving half-written files: temporary name, fsync, rename."""
+"""Storage for every step: local paths and ``gs://bucket/prefix`` URIs, through one interface.
+
+Nothing is ever half-written. Locally a file is written to a temporary name beside its target,
+fsynced and renamed. On Google Cloud Storage an object appears only when its upload completes
+(large files go up as resumable uploads), and writers that need a commit point (checkpoints, a
+prepared dataset) write a small pointer or manifest object last.
+
+GCS goes through the official ``google-cloud-storage`` client (no gsutil subprocesses). It
+finds credentials the usual way (workload identity, ``GOOGLE_APPLICATION_CREDENTIALS``), or
+talks to an emulator when ``STORAGE_EMULATOR_HOST`` is set. Transient errors (connection
+resets, 429, 5xx) are retried with exponential backoff for up to ``SIMCLR_GCS_RETRY_SECONDS``
+seconds (default 120), then raise :class:`StorageUnavailable`. A URI without a bucket, a
+missing bucket or object, or denied access raise :class:`StorageError`, naming the URI.
+
+Steps that need a local directory (a prepared dataset is memory-mapped) use
+:func:`staged_input` / :func:`staged_output`, which download or upload a whole tree.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["write_atomic", "write_text", "write_json"]
+__all__ = [
+    "StorageError", "StorageUnavailable", "Store", "LocalStore", "GCSStore", "open_store", "is_remote",
+    "split_gs_uri", "join", "read_bytes", "staged_input", "staged_output", "write_atomic", "write_text", "write_json",
+]
+
+log = logging.getLogger("simclr.storage")
+
+GS_PREFIX = "gs://"
+RESUMABLE_CHUNK_BYTES = 16 * 1024 * 1024  # files above this go up in resumable chunks
+_RETRY_SECONDS_ENV = "SIMCLR_GCS_RETRY_SECONDS"
+
+
+class StorageError(ValueError):
+    """A URI that cannot work: no bucket, a missing bucket or object, access denied."""
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage did not answer (after retries): the network, the service, or the emulator is down."""
+
+
+# ------------------------------------------------------------------------------ local files
 
 
 def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> None:
@@ -37,3 +76,303 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------ URIs
+
+
+def is_remote(uri: str | Path) -> bool:
+    return str(uri).startswith(GS_PREFIX)
+
+
+def split_gs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ("bucket", "a/b"); a URI without a bucket is a StorageError."""
+    bucket, _, key = uri[len(GS_PREFIX) :].partition("/")
+    if not bucket or bucket in (".", ".."):
+        raise StorageError(f"{uri!r} names no bucket: expected gs://BUCKET/PATH")
+    return bucket, key.strip("/")
+
+
+def join(uri: str | Path, *parts: str) -> str:
+    """Join path parts onto a local path or a gs:// URI."""
+    if is_remote(uri):
+        return "/".join([str(uri).rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(uri, *parts))
+
+
+# ------------------------------------------------------------------------------ stores
+
+
+class Store:
+    """Files under one root (a directory or a gs:// prefix), addressed by relative keys ``a/b.pt``."""
+
+    root: str
+
+    def uri(self, key: str) -> str:
+        return join(self.root, key)
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write ``data`` to ``key`` all at once (readers never see part of it)."""
+        raise NotImplementedError
+
+    def put_file(self, local_path: Path, key: str) -> None:
+        """Move (locally) or upload (GCS) the finished file ``local_path`` to ``key``; it is consumed."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, local_path: Path) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (recursively), sorted."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def scratch_dir(self) -> Path:
+        """A local directory for files on their way into this store (same filesystem when local)."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path) -> None:
+        self.root = str(root)
+        self.path = Path(root)
+
+    def exists(self, key: str) -> bool:
+        return (self.path / key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return (self.path / key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri(key)} does not exist") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        write_atomic(self.path / key, lambda stream: stream.write(data), mode="wb")
+
+    def put_file(self, local_path: Path, key: str) -> None:
+        target = self.path / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local_path, target)
+
+    def get_file(self, key: str, local_path: Path) -> None:
+        try:
+            shutil.copyfile(self.path / key, local_path)
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri(key)} does not exist") from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.path / prefix
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.path)) for p in base.rglob("*") if p.is_file())
+
+    def delete(self, key: str) -> None:
+        (self.path / key).unlink(missing_ok=True)
+
+    def scratch_dir(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+
+def _retry_seconds() -> float:
+    value = os.environ.get(_RETRY_SECONDS_ENV, "120")
+    try:
+        return float(value)
+    except ValueError:
+        raise StorageError(f"{_RETRY_SECONDS_ENV}={value!r}: expected a number of seconds") from None
+
+
+class GCSStore(Store):
+    """Objects under ``gs://bucket/prefix`` through google-cloud-storage, with retries."""
+
+    def __init__(self, uri: str) -> None:
+        self.bucket_name, self.prefix = split_gs_uri(uri)
+        self.root = f"{GS_PREFIX}{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
+        from google.api_core.retry import Retry
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        seconds = _retry_seconds()
+        self._retry: Retry = DEFAULT_RETRY.with_timeout(seconds) if hasattr(DEFAULT_RETRY, "with_timeout") else DEFAULT_RETRY.with_deadline(seconds)
+        self._timeout = (10, 120)  # (connect, read) seconds per request
+        self._bucket = _client().bucket(self.bucket_name)
+        self._scratch: Path | None = None
+
+    def _name(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translate the client's exceptions into ours, naming ``what`` (a URI)."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            yield
+        except gexc.NotFound:
+            if not self._bucket_exists():
+                raise StorageError(f"bucket gs://{self.bucket_name} does not exist (while accessing {what})") from None
+            raise StorageError(f"{what} does not exist") from None
+        except gexc.Forbidden as error:
+            raise StorageError(f"access to {what} denied: {error.message}") from None
+        except gexc.Unauthorized as error:
+            raise StorageError(f"no valid credentials for {what}: {error.message}") from None
+        except (gexc.RetryError, gexc.ServerError, gexc.TooManyRequests, ConnectionError, TimeoutError) as error:
+            raise StorageUnavailable(f"{what}: storage did not answer within {_retry_seconds():g} s ({_short(error)})") from None
+        except Exception as error:  # requests' ConnectionError is not the builtin one
+            if type(error).__module__.startswith(("requests", "urllib3", "google.auth")):
+                raise StorageUnavailable(f"{what}: {_short(error)}") from None
+            raise
+
+    def _bucket_exists(self) -> bool:
+        try:
+            return self._bucket.exists(retry=self._retry, timeout=self._timeout)
+        except Exception:
+            return True  # cannot tell: report the object
+
+    def exists(self, key: str) -> bool:
+        with self._errors(self.uri(key)):
+            return self._bucket.blob(self._name(key)).exists(retry=self._retry, timeout=self._timeout)
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors(self.uri(key)):
+            return self._bucket.blob(self._name(key)).download_as_bytes(retry=self._retry, timeout=self._timeout)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors(self.uri(key)):
+            # Rewriting an object with the same bytes is idempotent: safe to retry unconditionally.
+            self._bucket.blob(self._name(key)).upload_from_string(data, retry=self._retry, timeout=self._timeout)
+
+    def put_file(self, local_path: Path, key: str) -> None:
+        size = local_path.stat().st_size
+        blob = self._bucket.blob(self._name(key), chunk_size=RESUMABLE_CHUNK_BYTES if size > RESUMABLE_CHUNK_BYTES else None)
+        with self._errors(self.uri(key)):
+            blob.upload_from_filename(str(local_path), retry=self._retry, timeout=self._timeout)
+        local_path.unlink()
+
+    def get_file(self, key: str, local_path: Path) -> None:
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = local_path.with_name(f".{local_path.name}.part")
+        with self._errors(self.uri(key)):
+            self._bucket.blob(self._name(key)).download_to_filename(str(partial), retry=self._retry, timeout=self._timeout)
+        os.replace(partial, local_path)
+
+    def list(self, prefix: str = "") -> list[str]:
+        start = self._name(prefix).rstrip("/")
+        start = f"{start}/" if start else ""
+        with self._errors(self.uri(prefix)):
+            blobs = self._bucket.client.list_blobs(self._bucket, prefix=start, retry=self._retry, timeout=self._timeout)
+            names = [blob.name for blob in blobs]
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(name[cut:] for name in names if not name.endswith("/"))
+
+    def delete(self, key: str) -> None:
+        from google.api_core import exceptions as gexc
+
+        with self._errors(self.uri(key)):
+            try:
+                self._bucket.blob(self._name(key)).delete(retry=self._retry, timeout=self._timeout)
+            except gexc.NotFound:
+                pass
+
+    def scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="simclr-upload-"))
+        return self._scratch
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:300]
+
+
+_CLIENT = None
+
+
+def _client():
+    """One google-cloud-storage client per process (anonymous when an emulator is configured)."""
+    global _CLIENT
+    if _CLIENT is None:
+        from google.cloud import storage
+
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            _CLIENT = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "local"), credentials=AnonymousCredentials())
+        else:
+            try:
+                _CLIENT = storage.Client()
+            except Exception as error:  # google.auth.exceptions.DefaultCredentialsError and kin
+                raise StorageError(f"cannot reach Google Cloud Storage: {_short(error)}") from None
+    return _CLIENT
+
+
+def open_store(uri: str | Path) -> Store:
+    """The store rooted at ``uri``: a local directory or a gs:// prefix."""
+    return GCSStore(str(uri)) if is_remote(uri) else LocalStore(uri)
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    """The bytes of one file or object."""
+    if is_remote(uri):
+        parent, _, name = str(uri).rstrip("/").rpartition("/")
+        if not name or parent == "gs:":
+            raise StorageError(f"{uri!r} names no object: expected gs://BUCKET/PATH")
+        return open_store(parent).read_bytes(name)
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist") from None
+
+
+# ------------------------------------------------------------------------------ whole trees
+
+
+@contextlib.contextmanager
+def staged_input(uri: str | Path) -> Iterator[Path]:
+    """A local directory holding the tree at ``uri``: the path itself, or a download of the prefix."""
+    if not is_remote(uri):
+        yield Path(uri)
+        return
+    store = open_store(uri)
+    keys = store.list()
+    if not keys:
+        raise StorageError(f"{uri} holds no objects")
+    with tempfile.TemporaryDirectory(prefix="simclr-input-") as local:
+        log.info("downloading %d object(s) from %s", len(keys), uri)
+        for key in keys:
+            store.get_file(key, Path(local, key))
+        yield Path(local)
+
+
+@contextlib.contextmanager
+def staged_output(uri: str | Path, upload: bool = True, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local directory whose files end up at ``uri`` when the block succeeds.
+
+    Local paths are used as they are. For gs:// the block writes into a temporary directory that
+    is uploaded afterwards (when ``upload``), files named in ``last`` after all others so that
+    their presence means the rest is complete. On failure nothing is uploaded.
+    """
+    if not is_remote(uri):
+        yield Path(uri)
+        return
+    store = open_store(uri)
+    with tempfile.TemporaryDirectory(prefix="simclr-output-") as scratch:
+        local = Path(scratch, "out")  # not created: writers that create their directory work too
+        yield local
+        if upload and local.is_dir():
+            upload_tree(local, store, last=last)
+
+
+def upload_tree(local: Path, store: Store, last: tuple[str, ...] = ()) -> None:
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda key: key in last)
+    log.info("uploading %d file(s) to %s", len(files), store.root)
+    for key in files:
+        store.put_file(local / key, key)

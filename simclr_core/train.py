@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from simclr_core.augment import AugmentConfig, BatchedAugment, batched_test_transform
-from simclr_core.checkpoint import load_checkpoint, save_checkpoint
+from simclr_core.checkpoint import CheckpointManager, save_checkpoint
 from simclr_core.config import ConfigError, PretrainConfig
 from simclr_core.data import PreparedDataset
 from simclr_core.distributed import DistEnv, convert_to_global_bn
@@ -36,13 +36,14 @@ from simclr_core.knn import knn_accuracy
 from simclr_core.loss import NTXentLoss
 from simclr_core.models import SimCLRModel, uses_cifar_stem
 from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
+from simclr_core.storage import Store, is_remote, open_store, staged_output
 
 __all__ = ["pretrain", "check_world_size", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
 
 log = logging.getLogger("simclr.pretrain")
 
-CHECKPOINT_NAME = "checkpoints/last.pt"
 MODEL_NAME = "model.pt"
+LIVE_DIR = "live"
 
 
 class TrainingError(RuntimeError):
@@ -135,7 +136,7 @@ class _Metrics:
             from dvclive import Live
 
             try:
-                self.live = Live(dir=str(out_dir / "live"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+                self.live = Live(dir=str(out_dir / LIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
             except Exception as error:  # dvclive 3.x fails inside a git repository without commits
                 if "Empty git repo" in str(error):
                     raise ConfigError("the git repository around this DVC project has no commit yet; commit once, then rerun") from None
@@ -166,9 +167,17 @@ def _progress(total_steps: int, initial_step: int, batch_size: int, enabled: boo
 def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, env: DistEnv) -> dict[str, Any]:
     """Pretrain on ``data_dir``'s train split; write checkpoints, metrics and ``model.pt`` under ``out_dir``.
 
-    Resumes from ``out_dir/checkpoints/last.pt`` when it exists. Returns the final metrics.
+    ``out_dir`` is a local directory or a gs:// URI. Checkpoints go there as they are written
+    (see :class:`CheckpointManager`); the run resumes from the newest good one. The DVCLive
+    metrics (``live/``) and ``model.pt`` are written locally and, for gs://, uploaded at the end.
+    Returns the final epoch's metrics.
     """
-    out_dir = Path(out_dir)
+    store = open_store(out_dir)
+    with staged_output(out_dir, upload=env.is_main) as local_out:
+        return _pretrain(config, data_dir, store, local_out, env)
+
+
+def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_dir: Path, env: DistEnv) -> dict[str, Any]:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     dataset = PreparedDataset(data_dir)
@@ -186,15 +195,18 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
     scheduler = warmup_cosine_scheduler(optimizer, plan.total_steps, plan.warmup_steps)
 
     step = 0
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    state = _resumable_state(checkpoint_path, config, model_config, env)
+    checkpoints = CheckpointManager(store, keep_last=config.keep_checkpoints)
+    state = _resumable_state(checkpoints, config, model_config, env)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         if env.is_main:
-            log.info("resuming from %s at step %d of %d", checkpoint_path, step, plan.total_steps)
+            log.info("resuming from %s at step %d of %d", store.uri(f"checkpoints/step-{step:08d}.pt"), step, plan.total_steps)
+        if is_remote(store.root):  # bring back the metrics of the epochs already done
+            for key in store.list(LIVE_DIR):
+                store.get_file(key, out_dir / key)
     train_model: nn.Module = model
     if env.is_distributed:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if use_cuda else None)
@@ -210,19 +222,17 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
             env.world_size, plan.lr, env.device,
         )
 
-    def save(step_done: int) -> None:
+    def save(step_done: int, knn_accuracy: float | None) -> None:
         if env.is_main:
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step_done,
-                    "model_config": model_config,
-                    "pretrain_config": dataclasses.asdict(config),
-                },
-                checkpoint_path,
-            )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step_done,
+                "model_config": model_config,
+                "pretrain_config": dataclasses.asdict(config),
+            }
+            checkpoints.save(state, step_done, knn_accuracy)
 
     results: dict[str, Any] = {}
     progress = _progress(plan.total_steps, step, config.batch_size, env.is_main)
@@ -249,7 +259,12 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
 
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise TrainingError(f"loss is {loss_value} at step {step}; the last good checkpoint is {checkpoint_path}")
+                newest = checkpoints.list()
+                raise TrainingError(
+                    f"loss is {loss_value} at step {step}; stopped without saving it. The latest checkpoint is still "
+                    f"{store.uri(newest[0]['file']) if newest else 'none (no checkpoint yet)'}. "
+                    "Lower pretrain.base_lr or raise pretrain.warmup_epochs, then rerun to resume from it"
+                )
             epoch_loss += loss.detach()
             epoch_steps += 1
             progress.update(1)
@@ -268,7 +283,7 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
                 epoch_loss.zero_()
                 epoch_steps, epoch_start = 0, time.perf_counter()
             if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                save(step)
+                save(step, results.get("knn_accuracy") if end_of_epoch else None)
     finally:
         progress.close()
         metrics.close()
@@ -282,25 +297,35 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
 
 
 # Settings that do not change what is computed: a checkpoint written under other values resumes.
-_RESUME_INDEPENDENT = {"checkpoint_every", "num_threads", "knn_k", "knn_temperature", "knn_bank_size"}
+_RESUME_INDEPENDENT = {
+    "checkpoint_every", "num_threads", "knn_k", "knn_temperature", "knn_bank_size",
+    "keep_checkpoints", "metrics_port", "metrics_pushgateway",
+}
 
 
-def _resumable_state(path: Path, config: PretrainConfig, model_config: dict[str, Any], env: DistEnv) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it continues this very run; None to start from step 0.
+def _resumable_state(
+    checkpoints: CheckpointManager, config: PretrainConfig, model_config: dict[str, Any], env: DistEnv
+) -> dict[str, Any] | None:
+    """The newest good checkpoint if it continues this very run; None to start from step 0.
 
     A checkpoint written with other settings (say, another temperature after
     ``dvc exp run -S pretrain.temperature=0.2``) belongs to another run: it is not resumed,
     and the new run's checkpoints replace it.
     """
-    if not path.is_file():
+    found = checkpoints.load_latest(map_location=env.device)
+    if found is None:
         return None
-    state = load_checkpoint(path, map_location=env.device)
+    state, meta = found
     saved = state.get("pretrain_config", {})
     current = dataclasses.asdict(config)
     changed = sorted(k for k in set(saved) | set(current) if k not in _RESUME_INDEPENDENT and saved.get(k) != current.get(k))
     if changed or state.get("model_config") != model_config:
         if env.is_main:
-            log.warning("%s was written with other settings (%s); starting a new run from step 0", path, ", ".join(changed) or "model")
+            checkpoints.clear()  # the new run's checkpoints replace the other run's
+            log.warning(
+                "%s was written with other settings (%s); starting a new run from step 0",
+                checkpoints.store.uri(meta["file"]), ", ".join(changed) or "model",
+            )
         return None
     return state
 

@@ -107,4 +107,4 @@ def test_push_to_a_local_remote_and_pull_into_a_fresh_clone(repo, tmp_path):
     _run([str(BIN / "dvc"), "pull"], clone)
     assert (clone / "data/prepared/train_images.npy").read_bytes() == (repo / "data/prepared/train_images.npy").read_bytes()
     assert (clone / "runs/pretrain/model.pt").is_file()
-    assert (clone / "runs/pretrain/checkpoints/last.pt").is_file()
+    assert (clone / "runs/pretrain/checkpoints/latest.json").is_file()

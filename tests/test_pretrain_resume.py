@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from simclr_core.checkpoint import load_checkpoint
+from simclr_core.checkpoint import CheckpointManager, load_checkpoint
+from simclr_core.storage import LocalStore
 from simclr_core.config import PretrainConfig
 from simclr_core.distributed import DistEnv
 from simclr_core.optim import LARS
@@ -26,6 +27,11 @@ def _tiny_config(**overrides) -> PretrainConfig:
     )
     settings.update(overrides)
     return PretrainConfig(**settings)
+
+
+def _latest(run_dir) -> dict:
+    """The metadata of the run's latest checkpoint."""
+    return CheckpointManager(LocalStore(run_dir)).load_latest()[1]
 
 
 def _weights(path):
@@ -50,7 +56,7 @@ def test_interrupted_run_resumes_at_its_step_and_matches_an_uninterrupted_one(ti
     monkeypatch.setattr(LARS, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         pretrain(config, tiny_prepared, tmp_path / "resumed", DistEnv())
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == stop_after
+    assert _latest(tmp_path / "resumed")["step"] == stop_after
     assert not (tmp_path / "resumed" / "model.pt").exists()
 
     monkeypatch.setattr(LARS, "step", original_step)
@@ -69,7 +75,8 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_prepared, tmp_path, ca
     with caplog.at_level("WARNING"):
         pretrain(fresh, tiny_prepared, tmp_path / "run", DistEnv())
     assert "other settings (temperature)" in caplog.text
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["pretrain_config"]["temperature"] == 0.2
+    state, _ = CheckpointManager(LocalStore(tmp_path / "run")).load_latest()
+    assert state["pretrain_config"]["temperature"] == 0.2
 
 
 def _first_epoch_loss(run_dir) -> float:

@@ -6,7 +6,7 @@ dict): a Master and ``num_nodes - 1`` Workers, each pod running
 reads the rendezvous from the variables the operator sets in every pod (PET_NNODES,
 PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), so the command is the
 same on every pod. Pods restart on failure (``restartPolicy: OnFailure``) and the trainer
-resumes from the run's ``checkpoints/last.pt``.
+resumes from the newest good checkpoint under the run's ``checkpoints/``.
 
 :class:`PyTorchJobBackend` creates the job, watches it until its Succeeded or Failed
 condition (or the timeout), streams the Master pod's log meanwhile, and deletes the job
