@@ -1,0 +1,180 @@
+"""gs:// through the real google-cloud-storage client, against a GCS emulator on 127.0.0.1.
+
+The emulator (PyPI's gcp-storage-emulator) is started by the fixture; ``STORAGE_EMULATOR_HOST``
+points the client at it, exactly as a user would point it at one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_core import storage
+from simclr_core.checkpoint import CheckpointManager, load_checkpoint
+from simclr_core.storage import StorageError, StorageUnavailable, open_store, staged_input, staged_output
+from tests.conftest import DIST_VARS, REPO, TINY_PRETRAIN
+from tests.multiproc import free_port
+
+BUCKET = "simclr-test"
+
+
+def _emulator_binary() -> str:
+    binary = Path(sys.executable).with_name("gcp-storage-emulator")
+    if not binary.exists():
+        pytest.skip("gcp-storage-emulator is not installed (pip install -e '.[test]')")
+    return str(binary)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """The emulator's URL; STORAGE_EMULATOR_HOST is set for this process and its children."""
+    port = free_port()
+    process = subprocess.Popen(
+        [_emulator_binary(), "start", "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "--in-memory", "-q"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the GCS emulator did not start: {process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    storage._CLIENT = None
+    yield url
+    storage._CLIENT = None
+    if saved is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = saved
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _uri(test_name: str, *parts: str) -> str:
+    return "/".join([f"gs://{BUCKET}", test_name, *parts])
+
+
+def test_store_round_trip_list_and_delete(emulator, tmp_path):
+    store = open_store(_uri("roundtrip"))
+    store.write_bytes("a/one.json", b'{"x": 1}')
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(storage.RESUMABLE_CHUNK_BYTES + 12345))  # above the chunk: a resumable upload
+    expected = big.read_bytes()
+    store.put_file(big, "b/big.bin")
+    assert not big.exists()  # put_file consumes the local file
+    assert store.list() == ["a/one.json", "b/big.bin"]
+    assert store.list("a") == ["a/one.json"]
+    assert store.read_bytes("a/one.json") == b'{"x": 1}'
+    store.get_file("b/big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == expected
+    store.delete("a/one.json")
+    store.delete("a/one.json")  # deleting twice is fine
+    assert store.list() == ["b/big.bin"] and not store.exists("a/one.json")
+
+
+def test_clear_errors_for_missing_bucket_object_and_no_bucket(emulator):
+    with pytest.raises(StorageError, match="names no bucket"):
+        open_store("gs:///data")
+    with pytest.raises(StorageError, match="bucket gs://no-such-bucket does not exist"):
+        open_store("gs://no-such-bucket/run").read_bytes("x.pt")
+    with pytest.raises(StorageError, match=rf"gs://{BUCKET}/missing/x\.pt does not exist"):
+        open_store(f"gs://{BUCKET}/missing").read_bytes("x.pt")
+    with pytest.raises(StorageError, match="holds no objects"):
+        with staged_input(f"gs://{BUCKET}/nothing-here"):
+            pass
+
+
+def test_unreachable_storage_is_retried_then_reported(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("SIMCLR_GCS_RETRY_SECONDS", "2")
+    monkeypatch.setattr(storage, "_CLIENT", None)
+    start = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=r"did not answer within 2 s"):
+        open_store(f"gs://{BUCKET}/run").read_bytes("x.pt")
+    assert 1.5 < time.monotonic() - start < 30  # it retried, and gave up
+    monkeypatch.setattr(storage, "_CLIENT", None)
+
+
+def test_staged_output_uploads_only_on_success_and_the_named_files_last(emulator, monkeypatch):
+    uploaded = []
+    original = storage.GCSStore.put_file
+    monkeypatch.setattr(storage.GCSStore, "put_file", lambda self, path, key: (uploaded.append(key), original(self, path, key)))
+    with pytest.raises(RuntimeError):
+        with staged_output(_uri("staged", "failed")) as out:
+            out.mkdir()
+            (out / "half.txt").write_text("x")
+            raise RuntimeError("the step failed")
+    assert open_store(_uri("staged", "failed")).list() == []
+    with staged_output(_uri("staged", "ok"), last=("manifest.json",)) as out:
+        (out / "sub").mkdir(parents=True)
+        for name in ("manifest.json", "a.npy", "sub/z.npy"):
+            (out / name).write_text(name)
+    assert uploaded[-1] == "manifest.json" and sorted(uploaded) == ["a.npy", "manifest.json", "sub/z.npy"]
+
+
+def test_checkpoints_on_gcs_keep_k_and_fall_back(emulator, caplog):
+    manager = CheckpointManager(open_store(_uri("checkpoints")), keep_last=2)
+    for step in (1, 2, 3):
+        manager.save({"model": {"w": torch.full((2,), float(step))}, "step": step}, step)
+    assert [meta["step"] for meta in manager.list()] == [3, 2]
+    manager.store.write_bytes("checkpoints/step-00000003.pt", b"not the bytes the metadata promises")
+    with caplog.at_level("WARNING"):
+        state, meta = manager.load_latest()
+    assert meta["step"] == 2 and state["step"] == 2 and "does not match" in caplog.text
+
+
+def _cli(*args: str, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    head = ["-m", "tests.faults", fault[0], str(fault[1]), "--"] if fault else ["-m", "simclr_core"]
+    return subprocess.run([sys.executable, *head, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_every_step_reads_and_writes_gs(emulator, tiny_folder, tmp_path):
+    """prepare from gs://, pretrain to gs:// (killed, then resumed from gs://), linear eval from gs://."""
+    source = open_store(_uri("e2e", "images"))
+    for path in sorted(tiny_folder.rglob("*.png")):
+        copy = tmp_path / "upload.png"
+        shutil.copyfile(path, copy)
+        source.put_file(copy, str(path.relative_to(tiny_folder)))
+
+    prepared, run, evaluation = _uri("e2e", "prepared"), _uri("e2e", "run"), _uri("e2e", "linear")
+    result = _cli("prepare", "--source", "imagefolder", "--source-root", _uri("e2e", "images"), "--val-fraction", "0.25",
+                  "--label-fractions", "0.1,0.5", "--out", prepared)
+    assert result.returncode == 0, result.stderr
+    assert "manifest.json" in open_store(prepared).list()
+
+    pretrain = ["pretrain", "--data", prepared, "--out", run, "--device", "cpu", *TINY_PRETRAIN, "--checkpoint-every", "2"]
+    killed = _cli(*pretrain, fault=("kill-before-step", 5))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert json.loads(open_store(run).read_bytes("checkpoints/latest.json"))["step"] == 4
+    resumed = _cli(*pretrain)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {run}/checkpoints/step-00000004.pt at step 4 of 6" in resumed.stderr
+    assert {"model.pt", "live/metrics.json"} <= set(open_store(run).list())
+    assert load_checkpoint(f"{run}/model.pt")["step"] == 6
+
+    result = _cli("linear-eval", "--model", f"{run}/model.pt", "--data", prepared, "--out", evaluation, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(open_store(evaluation).read_bytes("metrics.json"))
+    assert 0.0 <= metrics["top1"] <= 1.0 and 0.0 <= metrics["random_init_top1"] <= 1.0
