@@ -15,12 +15,7 @@ Usage: python benchmarks/bench_core.py [--repeats 3] [--no-write]
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -28,19 +23,9 @@ from simclr_core.augment import AugmentConfig, BatchedAugment, sample_transform
 from simclr_core.loss import NTXentLoss
 from simclr_core.models import build_encoder
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from common import RESULTS, best_seconds, write_results  # benchmarks/ is the script's directory
+
 SECTION = "bench_core"
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def augmentation_rate(size: int, source: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -111,28 +96,6 @@ def run(repeats: int) -> list[tuple[str, str, str]]:
     return rows
 
 
-def write_results(rows: list[tuple[str, str, str]], command: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the other sections."""
-    header = (
-        f"## {SECTION}\n\n"
-        f"- date: {datetime.date.today().isoformat()}\n"
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, CUDA: {torch.cuda.is_available()}\n"
-        f"- command: `{command}`\n\n"
-        "| measurement | value | note |\n|---|---|---|\n"
-    )
-    body = "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
-    section = header + body + "\n"
-    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names.\n\n"
-    start = existing.find(f"## {SECTION}\n")
-    if start >= 0:
-        end = existing.find("\n## ", start + 1)
-        existing = existing[:start] + existing[end + 1 :] if end >= 0 else existing[:start]
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(existing.rstrip("\n") + "\n\n" + section)
-    tmp.replace(RESULTS)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best is kept)")
@@ -140,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = run(args.repeats)
     if not args.no_write:
-        write_results(rows, "python benchmarks/bench_core.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        write_results(SECTION, rows, "python benchmarks/bench_core.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(f"wrote {RESULTS}")
     return 0
 

@@ -16,6 +16,13 @@ parameter gradients over W ranks they equal the single-process gradient exactly.
 
 The logits are computed in float32 even under autocast (bf16 similarities of unit vectors
 divided by t = 0.1 lose too much precision for the softmax).
+
+Memory: the (2N, 2N_global) logits are never held whole. The loss is computed by blocks of
+at most ``block_rows`` query rows (forward: a log-sum-exp per row; backward: each block's
+logits recomputed and turned into gradients at once), so the loss needs
+O(block_rows * 2N_global) floats instead of several copies of the full logits: at a global
+batch of 4096 that is 32 MiB instead of about 1 GiB. One extra block matmul per step is the
+price (the encoder's step is thousands of times larger).
 """
 
 from __future__ import annotations
@@ -29,6 +36,52 @@ from simclr_core.distributed import all_gather_with_grad, get_rank, get_world_si
 __all__ = ["NTXentLoss", "nt_xent"]
 
 _MASKED = -1e9  # logit given to a row's similarity with itself (float32-safe, not -inf)
+BLOCK_ELEMENTS = 1 << 22  # logits held at once: 4M float32 = 16 MiB
+
+
+class _BlockwiseCrossEntropy(torch.autograd.Function):
+    """mean_k [ logsumexp_{j != self(k)} (q_k . k_j / t) - q_k . k_pos(k) / t ], block by block.
+
+    queries: (R, D) float32; keys: (K, D) float32; positive_col, self_col: (R,) int64 columns
+    of each row's positive and of itself in ``keys``. Returns a scalar float32.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, positive_col, self_col, inv_temperature: float, block_rows: int):
+        rows = queries.shape[0]
+        positive = (queries * keys[positive_col]).sum(1) * inv_temperature  # (R,)
+        lse = torch.empty(rows, dtype=queries.dtype, device=queries.device)  # (R,)
+        for start in range(0, rows, block_rows):
+            stop = min(rows, start + block_rows)
+            logits = _block_logits(queries, keys, self_col, start, stop, inv_temperature)  # (b, K)
+            lse[start:stop] = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(queries, keys, positive_col, self_col, lse)
+        ctx.inv_temperature, ctx.block_rows = inv_temperature, block_rows
+        return (lse - positive).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, keys, positive_col, self_col, lse = ctx.saved_tensors
+        inv_t, rows = ctx.inv_temperature, queries.shape[0]
+        grad_queries = torch.empty_like(queries)
+        grad_keys = torch.zeros_like(keys)
+        for start in range(0, rows, ctx.block_rows):
+            stop = min(rows, start + ctx.block_rows)
+            logits = _block_logits(queries, keys, self_col, start, stop, inv_t)  # (b, K)
+            # d loss / d logits = (softmax - one_hot(positive)) / R; then the chain rule through q.k/t
+            weights = logits.sub_(lse[start:stop, None]).exp_()
+            weights[torch.arange(stop - start, device=weights.device), positive_col[start:stop]] -= 1.0
+            weights.mul_(grad_loss * inv_t / rows)
+            grad_queries[start:stop] = weights @ keys
+            grad_keys.addmm_(weights.T, queries[start:stop])
+        return grad_queries, grad_keys, None, None, None, None
+
+
+def _block_logits(queries, keys, self_col, start: int, stop: int, inv_temperature: float) -> torch.Tensor:
+    """(stop - start, K) logits of query rows [start, stop), each row's self-similarity masked."""
+    logits = (queries[start:stop] * inv_temperature) @ keys.T
+    logits[torch.arange(stop - start, device=logits.device), self_col[start:stop]] = _MASKED
+    return logits
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
@@ -64,15 +117,13 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bo
         own_index = torch.arange(batch, device=z_a.device) + offset  # (N,) row i's column in the global batch
         keys = torch.cat([global_b, global_a])  # (2*W*N, D): the b block first, then the a block
         queries = torch.cat([local_a, local_b])  # (2N, D)
-        logits = queries @ keys.T / temperature  # (2N, 2*W*N)
         global_n = global_a.shape[0]
-        rows = torch.arange(2 * batch, device=z_a.device)
         # a-query i: positive b_i at column own_index[i], itself at global_n + own_index[i];
         # b-query i: positive a_i at column global_n + own_index[i], itself at own_index[i].
         positive_col = torch.cat([own_index, own_index + global_n])
         self_col = torch.cat([own_index + global_n, own_index])
-        logits = logits.index_put((rows, self_col), torch.tensor(_MASKED, device=z_a.device))
-        return F.cross_entropy(logits, positive_col)
+        block_rows = max(1, BLOCK_ELEMENTS // keys.shape[0])
+        return _BlockwiseCrossEntropy.apply(queries, keys, positive_col, self_col, 1.0 / temperature, block_rows)
 
 
 class NTXentLoss(nn.Module):

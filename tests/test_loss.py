@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from simclr_core import loss as loss_module
 from simclr_core.loss import NTXentLoss, nt_xent
 from tests.multiproc import run_workers
 
@@ -25,8 +26,11 @@ def reference_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
     return torch.stack(losses).mean()
 
 
+@pytest.mark.parametrize("block_elements", [None, 1, 7 * 66], ids=["one-block", "row-by-row", "uneven-blocks"])
 @pytest.mark.parametrize("n,d,temperature", [(1, 3, 0.5), (4, 8, 0.1), (16, 128, 0.5), (33, 17, 0.07), (8, 2, 1.0)])
-def test_matches_reference_formula_values_and_gradients(n, d, temperature):
+def test_matches_reference_formula_values_and_gradients(n, d, temperature, block_elements, monkeypatch):
+    if block_elements is not None:  # the logits in blocks of a few rows: the same loss and gradients
+        monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", block_elements)
     torch.manual_seed(n * 1000 + d)
     z_a = torch.randn(n, d, requires_grad=True)
     z_b = torch.randn(n, d, requires_grad=True)

@@ -1,0 +1,53 @@
+"""What every benchmark shares: timing, the machine's description, writing RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {device}"
+    )
+
+
+def write_results(section: str, rows: list[tuple[str, str, str]], command: str, notes: str = "") -> None:
+    """Replace ``section`` of RESULTS.md with a table of ``rows``, keeping the other sections."""
+    header = (
+        f"## {section}\n\n"
+        f"- date: {datetime.date.today().isoformat()}\n"
+        f"- machine: {machine()}\n"
+        f"- command: `{command}`\n\n"
+        + (f"{notes.strip()}\n\n" if notes else "")
+        + "| measurement | value | note |\n|---|---|---|\n"
+    )
+    body = "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names.\n\n"
+    start = existing.find(f"## {section}\n")
+    if start >= 0:
+        end = existing.find("\n## ", start + 1)
+        existing = existing[:start] + existing[end + 1 :] if end >= 0 else existing[:start]
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(existing.rstrip("\n") + "\n\n" + header + body + "\n")
+    tmp.replace(RESULTS)
