@@ -21,8 +21,9 @@ Memory: the (2N, 2N_global) logits are never held whole. The loss is computed by
 at most ``block_rows`` query rows (forward: a log-sum-exp per row; backward: each block's
 logits recomputed and turned into gradients at once), so the loss needs
 O(block_rows * 2N_global) floats instead of several copies of the full logits: at a global
-batch of 4096 that is 32 MiB instead of about 1 GiB. One extra block matmul per step is the
-price (the encoder's step is thousands of times larger).
+batch of 4096, about 140 MiB instead of 815 MiB (benchmarks/bench_loss.py). When all rows fit
+in one block (up to B = 1024), the forward's softmax is kept for the backward pass; beyond,
+each block's logits are recomputed there (one extra block matmul).
 """
 
 from __future__ import annotations
@@ -51,25 +52,31 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
         rows = queries.shape[0]
         positive = (queries * keys[positive_col]).sum(1) * inv_temperature  # (R,)
         lse = torch.empty(rows, dtype=queries.dtype, device=queries.device)  # (R,)
+        softmax = None  # kept for the backward pass when all rows fit in one block
         for start in range(0, rows, block_rows):
             stop = min(rows, start + block_rows)
             logits = _block_logits(queries, keys, self_col, start, stop, inv_temperature)  # (b, K)
             lse[start:stop] = torch.logsumexp(logits, dim=1)
-        ctx.save_for_backward(queries, keys, positive_col, self_col, lse)
+            if stop - start == rows:
+                softmax = logits.sub_(lse[:, None]).exp_()
+        ctx.save_for_backward(queries, keys, positive_col, self_col, lse, softmax)
         ctx.inv_temperature, ctx.block_rows = inv_temperature, block_rows
         return (lse - positive).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        queries, keys, positive_col, self_col, lse = ctx.saved_tensors
+        queries, keys, positive_col, self_col, lse, softmax = ctx.saved_tensors
         inv_t, rows = ctx.inv_temperature, queries.shape[0]
         grad_queries = torch.empty_like(queries)
         grad_keys = torch.zeros_like(keys)
         for start in range(0, rows, ctx.block_rows):
             stop = min(rows, start + ctx.block_rows)
-            logits = _block_logits(queries, keys, self_col, start, stop, inv_t)  # (b, K)
             # d loss / d logits = (softmax - one_hot(positive)) / R; then the chain rule through q.k/t
-            weights = logits.sub_(lse[start:stop, None]).exp_()
+            if softmax is not None:
+                weights = softmax.clone()
+            else:
+                logits = _block_logits(queries, keys, self_col, start, stop, inv_t)  # (b, K)
+                weights = logits.sub_(lse[start:stop, None]).exp_()
             weights[torch.arange(stop - start, device=weights.device), positive_col[start:stop]] -= 1.0
             weights.mul_(grad_loss * inv_t / rows)
             grad_queries[start:stop] = weights @ keys
