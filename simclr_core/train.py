@@ -234,20 +234,27 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
             }
             checkpoints.save(state, step_done, knn_accuracy)
 
+    own_rows = torch.arange(plan.local_batch) + env.rank * plan.local_batch
+    own_rows = torch.cat([own_rows, own_rows + config.batch_size])  # this rank's rows of the 2B global views
+
+    def make_views(at_step: int) -> torch.Tensor:
+        """(2 * local_batch, C, S, S) float views of this rank's images of step ``at_step``: a pure function of the step."""
+        images = torch.from_numpy(train_images[_local_indices(config, plan, at_step, env.rank)])
+        if use_cuda:
+            images = images.pin_memory().to(env.device, non_blocking=True)
+        params = augment.sample_params(2 * config.batch_size, *train_images.shape[-2:], seeded_generator(config.seed, 2, at_step))
+        views = augment.apply(torch.cat([images, images]), params.rows(own_rows).to(env.device))
+        return views.contiguous(memory_format=torch.channels_last) if use_cuda else views
+
     results: dict[str, Any] = {}
     progress = _progress(plan.total_steps, step, config.batch_size, env.is_main)
     epoch_loss = torch.zeros((), device=env.device)
     epoch_steps, epoch_start = 0, time.perf_counter()
     train_model.train()
+    batches = _Prefetcher(make_views, step, plan.total_steps)
     try:
         while step < plan.total_steps:
-            index = _local_indices(config, plan, step, env.rank)
-            images = torch.from_numpy(train_images[index]).to(env.device, non_blocking=True)
-            params = augment.sample_params(2 * config.batch_size, *train_images.shape[-2:], seeded_generator(config.seed, 2, step))
-            own = torch.arange(plan.local_batch) + env.rank * plan.local_batch
-            views = augment.apply(torch.cat([images, images]), params.rows(torch.cat([own, own + config.batch_size])).to(env.device))
-            if use_cuda:
-                views = views.contiguous(memory_format=torch.channels_last)
+            views, data_wait = batches.get(step)
             with torch.autocast(device_type=env.device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 _, z = train_model(views)
             loss = loss_fn(z[: plan.local_batch], z[plan.local_batch :])
@@ -280,11 +287,13 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                 )
                 metrics.log_epoch(results)
                 progress.write(_describe(results, config.epochs))
-                epoch_loss.zero_()
-                epoch_steps, epoch_start = 0, time.perf_counter()
             if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 save(step, results.get("knn_accuracy") if end_of_epoch else None)
+            if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
+                epoch_loss.zero_()
+                epoch_steps, epoch_start = 0, time.perf_counter()
     finally:
+        batches.close()
         progress.close()
         metrics.close()
 
@@ -368,6 +377,35 @@ def _end_epoch(epoch, epoch_loss, epoch_steps, seconds, plan, config, env, model
         model.train(was_training)
         results["knn_accuracy"] = knn_accuracy(bank, bank_y, queries, query_y, num_classes, config.knn_k, config.knn_temperature)
     return results
+
+
+class _Prefetcher:
+    """Makes the next step's views in a background thread while the current step trains.
+
+    ``make(step)`` must be a pure function of the step (the trainer's views are), so the
+    order of work does not change what is computed. :meth:`get` returns the views and the
+    seconds the loop waited for them (the data wait; near zero when the data path keeps up).
+    """
+
+    def __init__(self, make, first_step: int, total_steps: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._make, self._total = make, total_steps
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simclr-data")
+        self._pending = self._submit(first_step)
+
+    def _submit(self, step: int):
+        return self._pool.submit(self._make, step) if step < self._total else None
+
+    def get(self, step: int) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        views = self._pending.result()
+        waited = time.perf_counter() - start
+        self._pending = self._submit(step + 1)
+        return views, waited
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _describe(results: dict[str, float], epochs: int) -> str:

@@ -1,0 +1,143 @@
+"""Pretraining step efficiency, data path and memory; writes its figures to benchmarks/RESULTS.md.
+
+For ResNet-18 at 32 px (CIFAR stem and ImageNet stem), global batch B:
+
+- **end to end**: images/s of `simclr_core.train.pretrain` itself (a prepared dataset read
+  from disk, the paper's augmentations drawn per image, both views in one forward pass,
+  NT-Xent, LARS, global BN), from the second epoch (the first pays warm-up);
+- **bare**: images/s of the same model's forward + backward on 2B already-made tensors
+  (B images per step, as above), same threads;
+- **step efficiency** = end to end / bare (issue 6 target >= 0.95 on this CPU);
+- **data path alone**: images/s of reading + augmenting a batch the way the trainer does,
+  and the trainer's own data-wait share of its step time (target < 2%);
+- **memory**: peak RSS of the process per image of the batch.
+
+Usage: python benchmarks/bench_step.py [--batch-size 256] [--steps 4] [--stems imagenet,cifar] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import best_seconds, write_results  # benchmarks/ is the script's directory
+from simclr_core.augment import BatchedAugment
+from simclr_core.config import PrepareConfig, PretrainConfig
+from simclr_core.data import PreparedDataset, prepare
+from simclr_core.distributed import DistEnv
+from simclr_core.train import _augment_config, build_model, model_config_for, pretrain, seeded_generator
+
+SECTION = "bench_step"
+SIZE = 32
+
+
+def make_dataset(root: Path, images: int) -> Path:
+    """A prepared dataset of ``images`` random 32 px RGB images (unlabelled: no kNN pass)."""
+    from PIL import Image
+
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(images):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{index:05d}.png")
+    out = root / "prepared"
+    prepare(PrepareConfig(source="imagefolder", source_root=str(folder), val_fraction=0.0, label_fractions=[0.5]), out)
+    return out
+
+
+def pretrain_config(batch_size: int, cifar_stem: bool, epochs: int) -> PretrainConfig:
+    return PretrainConfig(
+        arch="resnet18", width_multiplier=1.0, cifar_stem="true" if cifar_stem else "false", batch_size=batch_size,
+        epochs=epochs, warmup_epochs=0.0, checkpoint_every=0, keep_checkpoints=1,
+    )
+
+
+def end_to_end_rate(data: Path, config: PretrainConfig) -> float:
+    """images/s of the last epoch of a real pretraining run."""
+    with tempfile.TemporaryDirectory() as out:
+        results = pretrain(config, data, out, DistEnv())
+    return results["images_per_second"]
+
+
+def bare_rate(config: PretrainConfig, repeats: int) -> float:
+    """images/s of forward + backward of the same model on 2B ready tensors (B images a step)."""
+    torch.manual_seed(0)
+    model = build_model(model_config_for(config, SIZE)).train()
+    views = torch.randn(2 * config.batch_size, 3, SIZE, SIZE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        _, z = model(views)
+        z.float().sum().backward()
+
+    return config.batch_size / best_seconds(step, repeats)
+
+
+def data_path_rate(data: Path, config: PretrainConfig, repeats: int) -> float:
+    """images/s of the trainer's data path alone: memmap read of a batch, then both views."""
+    images = PreparedDataset(data).images("train")
+    augment = BatchedAugment(_augment_config(config, SIZE))
+    batch = config.batch_size
+    rng = np.random.default_rng(0)
+
+    def fetch():
+        index = np.sort(rng.choice(len(images), batch, replace=False))
+        x = torch.from_numpy(images[index])
+        params = augment.sample_params(2 * batch, SIZE, SIZE, seeded_generator(0, 2, 0))
+        return augment.apply(torch.cat([x, x]), params)
+
+    return batch / best_seconds(fetch, repeats)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(batch_size: int, steps: int, stems: list[str], repeats: int) -> list[tuple[str, str, str]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        data = make_dataset(Path(root), batch_size * steps)
+        for stem in stems:
+            config = pretrain_config(batch_size, stem == "cifar", epochs=2)
+            label = f"ResNet-18, 32 px, {stem} stem, B={batch_size}"
+            start = time.perf_counter()
+            e2e = end_to_end_rate(data, config)
+            bare = bare_rate(config, repeats)
+            path = data_path_rate(data, config, repeats)
+            rows += [
+                (f"end to end (pretrain), {label}", f"{e2e:,.1f} images/s", f"2 epochs x {steps} steps; the second is timed"),
+                (f"bare forward+backward, {label}", f"{bare:,.1f} images/s", "2B ready tensors, same model and threads"),
+                (f"**step efficiency**, {label}", f"**{e2e / bare:.3f}**", "target >= 0.95"),
+                (f"data path alone (read + 2 views), {label}", f"{path:,.0f} images/s",
+                 f"{bare / path:.1%} of the bare step if not overlapped"),
+            ]
+            for row in rows[-4:]:
+                print(row, f"({time.perf_counter() - start:.0f} s)", flush=True)
+        rows.append((f"peak RSS, B={batch_size}", f"{peak_rss_mib():,.0f} MiB", f"{peak_rss_mib() / batch_size:.2f} MiB per image (whole process)"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="steps per epoch (two epochs are run)")
+    parser.add_argument("--stems", default="imagenet,cifar", help="comma-separated: imagenet, cifar")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    rows = run(args.batch_size, args.steps, args.stems.split(","), args.repeats)
+    if not args.no_write:
+        command = "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results(f"{SECTION} (B={args.batch_size})", rows, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
