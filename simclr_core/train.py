@@ -35,6 +35,7 @@ from simclr_core.features import extract
 from simclr_core.knn import knn_accuracy
 from simclr_core.loss import NTXentLoss
 from simclr_core.models import SimCLRModel, uses_cifar_stem
+from simclr_core.monitoring import TrainingMonitor
 from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
 from simclr_core.storage import Store, is_remote, open_store, staged_output
 
@@ -251,10 +252,12 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
     epoch_loss = torch.zeros((), device=env.device)
     epoch_steps, epoch_start = 0, time.perf_counter()
     train_model.train()
+    monitor = TrainingMonitor(env.rank, env.local_rank, config.metrics_port, config.metrics_pushgateway)
     batches = _Prefetcher(make_views, step, plan.total_steps)
     try:
         while step < plan.total_steps:
-            views, data_wait = batches.get(step)
+            step_start = time.perf_counter()
+            views, data_wait = batches.get(step)  # data_wait: seconds until this step's views were on the device
             with torch.autocast(device_type=env.device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 _, z = train_model(views)
             loss = loss_fn(z[: plan.local_batch], z[plan.local_batch :])
@@ -274,11 +277,11 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                 )
             epoch_loss += loss.detach()
             epoch_steps += 1
+            epoch = (step - 1) // plan.steps_per_epoch + 1
+            lr = optimizer.param_groups[0]["lr"]
+            monitor.on_step(step, epoch, loss_value, lr, plan.local_batch, time.perf_counter() - step_start, data_wait)
             progress.update(1)
-            progress.set_postfix(
-                epoch=f"{(step - 1) // plan.steps_per_epoch + 1}/{config.epochs}", loss=f"{loss_value:.4f}",
-                lr=f"{optimizer.param_groups[0]['lr']:.4g}", refresh=False,
-            )
+            progress.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", refresh=False)
             end_of_epoch = step % plan.steps_per_epoch == 0
             if end_of_epoch:
                 results = _end_epoch(
@@ -286,9 +289,11 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                     plan, config, env, model, knn_data, image_size, optimizer,
                 )
                 metrics.log_epoch(results)
+                monitor.on_epoch(results)
                 progress.write(_describe(results, config.epochs))
             if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                save(step, results.get("knn_accuracy") if end_of_epoch else None)
+                with monitor.saving_checkpoint(record=env.is_main):  # rank 0 writes checkpoints
+                    save(step, results.get("knn_accuracy") if end_of_epoch else None)
             if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
                 epoch_loss.zero_()
                 epoch_steps, epoch_start = 0, time.perf_counter()
@@ -296,6 +301,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
         batches.close()
         progress.close()
         metrics.close()
+        monitor.close()
 
     if env.is_main:
         save_checkpoint(

@@ -108,7 +108,7 @@ def test_built_pytorchjob_matches_the_crd_schema_and_the_request(pytorchjob_vali
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"
         assert container["image"] == job.image
-        assert container["command"] == ["torchrun", "--no-python", "simclr", "pretrain", *ARGS]
+        assert container["command"] == ["torchrun", "--no-python", "simclr", "pretrain", "--metrics-port", "9090", *ARGS]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
         assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and {"cpu", "memory"} <= set(container["resources"]["limits"])
         env = {e["name"]: e["value"] for e in container["env"]}
@@ -160,8 +160,11 @@ def test_trainer_pods_carry_the_labels_the_podmonitor_and_networkpolicy_select()
         labels = replica["template"]["metadata"]["labels"]
         assert podmonitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert trainer_policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-        ports = {port["name"] for port in replica["template"]["spec"]["containers"][0]["ports"]}
-        assert {endpoint["port"] for endpoint in podmonitor["spec"]["podMetricsEndpoints"]} <= ports
+        (container,) = replica["template"]["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert {endpoint["port"] for endpoint in podmonitor["spec"]["podMetricsEndpoints"]} <= set(ports)
+        command = container["command"]  # the trainer serves its metrics on the port the PodMonitor scrapes
+        assert command[command.index("--metrics-port") + 1] == str(ports["metrics"])
 
 
 def test_job_names_are_valid_dns_labels_and_deterministic():

@@ -32,7 +32,7 @@ UID = 10001  # the Dockerfile's SIMCLR_UID
 TRAINER_LABEL = {"app.kubernetes.io/name": "simclr-pretrain"}  # what the launcher puts on its pods
 PRETRAIN_COMMAND = [
     "torchrun", "--no-python", "simclr", "pretrain",
-    "--data", "/mnt/simclr/data/prepared", "--out", "/mnt/simclr/runs/pretrain",
+    "--data", "/mnt/simclr/data/prepared", "--out", "/mnt/simclr/runs/pretrain", "--metrics-port", "9090",
 ]
 
 # Every checkov check the manifests skip, with an annotation that says why (README of the
@@ -302,6 +302,8 @@ def test_podmonitor_scrapes_the_trainer_pods_metrics_port():
         assert TRAINER_LABEL.items() <= labels.items()
         (container,) = template["spec"]["containers"]
         assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+        command = container["command"]
+        assert command[command.index("--metrics-port") + 1] == "9090"  # the trainer serves on that port
 
 
 def test_rbac_grants_exactly_pytorchjobs_and_pod_reads_in_one_namespace():

@@ -55,9 +55,10 @@ def _start_pod(job: dict, replica_type: str, index: int, port: int, cwd: Path) -
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the image's torchrun and simclr
     env["OMP_NUM_THREADS"] = "1"
     env.update({e["name"]: e["value"] for e in container["env"]})
-    env.pop("SIMCLR_METRICS_PORT", None)  # pods have a network each; here two endpoints would collide
     env.update(operator_env(job, replica_type, index, "127.0.0.1", port))
-    return subprocess.Popen(container["command"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = list(container["command"])
+    command[command.index("--metrics-port") + 1] = str(free_port())  # pods have a network each; here they share one
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.multiproc

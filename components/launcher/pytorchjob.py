@@ -2,7 +2,8 @@
 
 :func:`build_pytorchjob` turns a :class:`PretrainJob` into the PyTorchJob object (a plain
 dict): a Master and ``num_nodes - 1`` Workers, each pod running
-``torchrun --no-python simclr pretrain ARGS`` in a container named ``pytorch``. torchrun
+``torchrun --no-python simclr pretrain --metrics-port 9090 ARGS`` in a container named
+``pytorch`` (9090 is the container port ``metrics`` that the PodMonitor scrapes). torchrun
 reads the rendezvous from the variables the operator sets in every pod (PET_NNODES,
 PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), so the command is the
 same on every pod. Pods restart on failure (``restartPolicy: OnFailure``) and the trainer
@@ -52,12 +53,11 @@ LABELS = {
     "app.kubernetes.io/component": "trainer",
     "app.kubernetes.io/managed-by": "simclr-launcher",
 }
-METRICS_PORT = 9090  # the trainer's Prometheus endpoint, port "metrics" (the PodMonitor's)
+# The trainer's Prometheus endpoint (`simclr pretrain --metrics-port`), the container port
+# "metrics" that the PodMonitor scrapes. Local rank k of a pod serves on METRICS_PORT + k.
+METRICS_PORT = 9090
 # The root filesystem is read-only; everything that writes caches goes to the /tmp emptyDir.
-POD_ENV = {
-    "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/matplotlib", "PYTHONUNBUFFERED": "1",
-    "SIMCLR_METRICS_PORT": str(METRICS_PORT),
-}
+POD_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/matplotlib", "PYTHONUNBUFFERED": "1"}
 # Finished pods stay (for their logs) until the launcher deletes the job; running ones go.
 CLEAN_POD_POLICY = "Running"
 # The server-side deadline outlasts the launcher's own timeout by this much, so the
@@ -70,8 +70,8 @@ API_TIMEOUT_S = 30.0
 
 
 def container_command(job: PretrainJob) -> list[str]:
-    """The command of every pod's ``pytorch`` container."""
-    return ["torchrun", "--no-python", "simclr", "pretrain", *job.simclr_args]
+    """The command of every pod's ``pytorch`` container (a ``--metrics-port`` in ``job.simclr_args`` wins)."""
+    return ["torchrun", "--no-python", "simclr", "pretrain", "--metrics-port", str(METRICS_PORT), *job.simclr_args]
 
 
 def build_pytorchjob(job: PretrainJob, namespace: str, owner_reference: dict | None = None, timeout_s: float = 0) -> dict:
