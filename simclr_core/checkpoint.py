@@ -114,6 +114,8 @@ class CheckpointManager:
                 "knn_accuracy": knn_accuracy, "saved_at": time.time(),
             }
             self.store.put_file(tmp, name)
+        except OSError as error:  # a full disk, a read-only volume: say which checkpoint
+            raise OSError(error.errno, f"{error.strerror or error} while writing checkpoint {self.store.uri(name)}") from error
         finally:
             tmp.unlink(missing_ok=True)
         text = json.dumps(meta, sort_keys=True).encode()

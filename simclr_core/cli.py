@@ -82,27 +82,29 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{name} {info['images']}" for name, info in manifest["splits"].items())
     log.info("prepared %s into %s: %s images of shape %s", config.source, args.out, splits, manifest["image_shape"])
     if manifest["skipped"]:
-        log.warning("skipped %d unreadable file(s); they are listed in %s/manifest.json", len(manifest["skipped"]), args.out)
+        log.warning("skipped %d unreadable or non-image file(s); they are listed in %s/manifest.json", len(manifest["skipped"]), args.out)
     return EXIT_OK
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.config import PretrainConfig, config_from_args
     from simclr_core.distributed import destroy_distributed, init_distributed
+    from simclr_core.data import PreparedDataset
     from simclr_core.storage import staged_input
     from simclr_core.train import check_world_size, pretrain
 
     config = config_from_args(PretrainConfig, "pretrain", args)
     world_size = os.environ.get("WORLD_SIZE", "1")
-    check_world_size(config, int(world_size) if world_size.isdigit() else 1)
-    env = init_distributed(device=None if args.device == "auto" else args.device)
-    if not env.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        with staged_input(args.data) as data:
+    with staged_input(args.data) as data:
+        # before any rendezvous: a launch that cannot work fails here instead of hanging there
+        check_world_size(config, int(world_size) if world_size.isdigit() else 1, len(PreparedDataset(data, verify=False).images("train")))
+        env = init_distributed(device=None if args.device == "auto" else args.device)
+        if not env.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
             pretrain(config, data, args.out, env)
-    finally:
-        destroy_distributed()
+        finally:
+            destroy_distributed()
     return EXIT_OK
 
 

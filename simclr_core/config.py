@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class PrepareConfig:
         _check(0 <= self.val_fraction < 1, "prepare.val_fraction", "in [0, 1)", self.val_fraction)
         _check(self.max_train >= 0, "prepare.max_train", ">= 0", self.max_train)
         _check(self.image_size >= 0, "prepare.image_size", ">= 0", self.image_size)
+        _check(self.seed >= 0, "prepare.seed", ">= 0", self.seed)
         for fraction in self.label_fractions:
             _check(0 < fraction <= 1, "prepare.label_fractions", "a list of values in (0, 1]", self.label_fractions)
 
@@ -110,6 +112,14 @@ class PretrainConfig:
         _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every", ">= 0", self.checkpoint_every)
         _check(self.knn_k >= 1, "pretrain.knn_k", ">= 1", self.knn_k)
         _check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _check(self.proj_hidden_dim >= 0, "pretrain.proj_hidden_dim", ">= 0 (0 = the encoder's width)", self.proj_hidden_dim)
+        _check(self.proj_out_dim >= 1, "pretrain.proj_out_dim", ">= 1", self.proj_out_dim)
+        _check(self.weight_decay >= 0, "pretrain.weight_decay", ">= 0", self.weight_decay)
+        _check(0 <= self.momentum < 1, "pretrain.momentum", "in [0, 1)", self.momentum)
+        _check(self.seed >= 0, "pretrain.seed", ">= 0", self.seed)
+        _check(self.knn_temperature > 0, "pretrain.knn_temperature", "> 0", self.knn_temperature)
+        _check(self.knn_bank_size >= 0, "pretrain.knn_bank_size", ">= 0 (0 = all)", self.knn_bank_size)
+        _check(self.num_threads >= 0, "pretrain.num_threads", ">= 0 (0 = torch's default)", self.num_threads)
         _check(0 <= self.metrics_port <= 65535, "pretrain.metrics_port", "a TCP port in [0, 65535] (0 = off)", self.metrics_port)
 
 
@@ -128,6 +138,7 @@ class LinearEvalConfig:
         _check(self.max_iter >= 1, "linear_eval.max_iter", ">= 1", self.max_iter)
         _check(self.augment_copies >= 0, "linear_eval.augment_copies", ">= 0", self.augment_copies)
         _check(self.batch_size >= 1, "linear_eval.batch_size", ">= 1", self.batch_size)
+        _check(self.seed >= 0, "linear_eval.seed", ">= 0", self.seed)
 
 
 @dataclasses.dataclass
@@ -148,6 +159,10 @@ class FinetuneConfig:
         _check(self.batch_size >= 1, "finetune.batch_size", ">= 1", self.batch_size)
         _check(self.lr > 0, "finetune.lr", "> 0", self.lr)
         _check(self.head_layers >= 0, "finetune.head_layers", ">= 0", self.head_layers)
+        _check(self.weight_decay >= 0, "finetune.weight_decay", ">= 0", self.weight_decay)
+        _check(self.min_steps >= 0, "finetune.min_steps", ">= 0", self.min_steps)
+        _check(self.seed >= 0, "finetune.seed", ">= 0", self.seed)
+        _check(len(self.label_fractions) > 0, "finetune.label_fractions", "a non-empty list", self.label_fractions)
         for fraction in self.label_fractions:
             _check(0 < fraction <= 1, "finetune.label_fractions", "a list of values in (0, 1]", self.label_fractions)
 
@@ -168,30 +183,67 @@ class TransferConfig:
         _check(self.max_iter >= 1, "transfer.max_iter", ">= 1", self.max_iter)
         _check(self.finetune_epochs >= 0, "transfer.finetune_epochs", ">= 0", self.finetune_epochs)
         _check(self.finetune_lr > 0, "transfer.finetune_lr", "> 0", self.finetune_lr)
+        _check(self.batch_size >= 1, "transfer.batch_size", ">= 1", self.batch_size)
+        _check(self.seed >= 0, "transfer.seed", ">= 0", self.seed)
 
 
 def load_section(path: str | Path | None, section: str) -> dict[str, Any]:
-    """The ``section`` mapping of a params.yaml file ({} when ``path`` is None)."""
+    """The ``section`` mapping of a params.yaml file ({} when ``path`` is None).
+
+    The file must exist, be YAML holding a mapping, and have the section (``section: {}``, or
+    an empty ``section:``, selects every default); each failure is a ConfigError naming the file.
+    """
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
     try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
+        document = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"params file {path} is not valid YAML: {error}") from None
     if not isinstance(document, dict):
-        raise ConfigError(f"params file {path} must hold a mapping of sections")
-    values = document.get(section, {}) or {}
+        raise ConfigError(f"params file {path} must hold a mapping of sections (prepare:, pretrain:, ...), got {type(document).__name__}")
+    if section not in document:
+        raise ConfigError(
+            f"params file {path} has no {section!r} section (it has {', '.join(map(str, document)) or 'none'}); "
+            f"add '{section}: {{}}' to use the defaults"
+        )
+    values = document[section]
+    if values is None:
+        return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"section {section!r} of {path} must be a mapping")
-    return values
+        raise ConfigError(f"section {section!r} of {path} must be a mapping of settings, got {type(values).__name__}")
+    return dict(values)
 
 
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def _scalar(item_type: Any, value: Any) -> Any:
+    """``value`` as ``item_type`` (int, float, str, bool), or TypeError/ValueError."""
+    if isinstance(value, (list, tuple, dict, set)) or value is None:
+        raise TypeError
+    if item_type is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise TypeError
+    if item_type in (int, float) and isinstance(value, bool):
+        raise TypeError  # YAML's `true` is not a number
+    if item_type is int and isinstance(value, float) and not value.is_integer():
+        raise TypeError
+    if item_type is str and isinstance(value, bool):
+        return "true" if value else "false"
+    result = item_type(value)
+    if item_type is float and not math.isfinite(result):
+        raise ValueError
+    return result
 
 
 def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
@@ -205,29 +257,21 @@ def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
                 value = [part for part in value.replace(",", " ").split() if part]
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return [item_type(item) for item in value]
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise TypeError
-        if annotation is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError
-        if annotation is str and isinstance(value, bool):
-            return "true" if value else "false"
-        return annotation(value)
-    except (TypeError, ValueError):
-        type_name = getattr(annotation, "__name__", str(annotation))
-        raise ConfigError(f"{key} must be of type {type_name}, got {value!r}") from None
+            return [_scalar(item_type, item) for item in value]
+        return _scalar(annotation, value)
+    except (TypeError, ValueError, OverflowError):
+        if origin is list:
+            type_name = f"list of {typing.get_args(annotation)[0].__name__}"
+        else:
+            type_name = getattr(annotation, "__name__", str(annotation))
+        finite = " (finite)" if annotation is float or typing.get_args(annotation) == (float,) else ""
+        raise ConfigError(f"{key} must be of type {type_name}{finite}, got {value!r}") from None
 
 
 def build_config(cls, section: str, values: dict[str, Any]):
     """Instantiate ``cls`` from a mapping, naming unknown keys and bad values."""
     types = _field_types(cls)
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(str(key) for key in values if key not in types)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; known: {', '.join(types)}")
     return cls(**{name: _coerce(section, name, types[name], value) for name, value in values.items()})

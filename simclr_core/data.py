@@ -2,28 +2,46 @@
 
 A prepared dataset is a directory::
 
-    manifest.json             source, counts per split and class, class names, image shape,
-                              sha256 of every file, skipped files, simclr_core version
+    manifest.json             format_version, source, counts per split and class, class names,
+                              image shape, sha256 of every file, skipped files, simclr_core version
     {split}_images.npy        uint8 (N, C, H, W), memory-mappable; split in train, val, test
                               (STL-10's unlabelled images are in train, with label -1)
     {split}_labels.npy        int64 (N,), -1 where unlabelled
     subsets.json              {"0.01": [train indices], "0.1": [...]}: class-balanced label
                               subsets, fixed by the seed (numpy PCG64: same on any machine)
 
-It is written into a temporary directory beside the destination and renamed into place, so
-a failed or interrupted prepare never leaves a half-written dataset.
+It is written into a temporary directory beside the destination, fsynced and renamed into
+place, so a failed or interrupted prepare never leaves a half-written dataset, and a dataset
+already there is replaced only by a complete new one. :class:`PreparedDataset` checks the
+format version and every file's sha256 when it opens one.
+
+An ``imagefolder`` source is a directory (class subfolders, optionally under ``train/`` and
+``test/``; a flat folder is unlabelled) or a ``.tar``, ``.tar.gz`` or ``.zip`` of one, which is
+checked member by member (no absolute paths, no ``..``, no links leading outside, no special
+files) before anything is extracted to a temporary directory. Files that cannot be used
+(unreadable, truncated, empty, not images, hidden, symlink loops) are skipped and listed in
+the manifest's ``skipped``; grayscale, palette and transparent images are converted (one
+channel when every training image is grayscale, else RGB; transparency over white). A class
+folder without a readable image, or images of different sizes without
+``prepare.image_size``, is a :class:`SourceError` that names the folder or the two files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
 import os
+import posixpath
 import shutil
+import stat
 import struct
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +54,7 @@ __all__ = ["RawSplits", "prepare", "PreparedDataset", "load_source", "class_bala
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FORMAT_VERSION = 1  # of the prepared dataset layout; PreparedDataset refuses other versions
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -152,67 +171,335 @@ def _load_digits(config: PrepareConfig) -> RawSplits:
     )
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 (3, H, W), resized (shorter side) and centre-cropped to ``size`` when size > 0."""
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
+_IGNORED_NAMES = {"__MACOSX"}  # zip tools' metadata folders
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name in _IGNORED_NAMES
+
+
+def _decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """(RGB uint8 (3, H, W), the file's (width, height), whether the file is grayscale).
+
+    Transparent images (RGBA, LA, palette with transparency) are composited over white;
+    every image is resized (shorter side) and centre-cropped to ``size`` when size > 0.
+    """
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image.load()  # decode now: a truncated file fails here
+        original = image.size
+        gray = image.mode in _GRAY_MODES
+        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        else:
+            image = image.convert("RGB")
         if size > 0:
             scale = size / min(image.size)
             image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
             left, top = (image.width - size) // 2, (image.height - size) // 2
             image = image.crop((left, top, left + size, top + size))
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), original, gray
 
 
-def _load_folder(folder: Path, size: int, class_names: list[str] | None, skipped: list[dict]):
-    """Images under ``folder``: class subfolders (labelled) or a flat folder (unlabelled)."""
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
-    if class_names is None:
-        class_names = [p.name for p in subdirs]
-    entries: list[tuple[Path, int]] = []
-    if subdirs:
-        for path in subdirs:
-            if path.name not in class_names:
-                raise SourceError(f"class folder {path} is not among the training classes {class_names}")
-            label = class_names.index(path.name)
-            entries += [(f, label) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        entries = [(f, -1) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    images, labels, shapes = [], [], set()
-    for path, label in entries:
-        try:
-            array = _read_image(path, size)
-        except Exception as error:  # PIL raises many types for bad files
-            skipped.append({"path": str(path), "reason": f"{type(error).__name__}: {error}"})
-            continue
-        images.append(array)
-        labels.append(label)
-        shapes.add(array.shape)
-    if len(shapes) > 1:
-        raise SourceError(f"images under {folder} have different sizes {sorted(shapes)[:3]}...; set prepare.image_size to resize them")
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3, H, W) -> (..., 1, H, W), with PIL's ITU-R 601-2 weights (as ``convert("L")``)."""
+    r, g, b = (rgb[..., c : c + 1, :, :].astype(np.uint32) for c in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+class _FolderReader:
+    """Reads the image folders of one source, collecting skipped files and checking sizes.
+
+    ``show`` turns a path into what messages print (an archive member's name for archives).
+    """
+
+    def __init__(self, size: int, show=str) -> None:
+        self.size = size
+        self.show = show
+        self.skipped: list[dict] = []
+        self.reference: tuple[Path, tuple[int, int]] | None = None  # first image read, and its (width, height)
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped.append({"path": self.show(path), "reason": reason})
+
+    def _subdirs(self, folder: Path) -> tuple[list[Path], list[Path]]:
+        """The directories in ``folder`` (links to directories included), and those that are loops."""
+        dirs, loops = [], []
+        for path in sorted(folder.iterdir()):
+            if not _ignored(path.name) and path.is_dir():
+                (loops if _is_loop(path, [os.path.realpath(folder)]) else dirs).append(path)
+        return dirs, loops
+
+    def _loop(self, path: Path) -> None:
+        self.skip(path, f"symlink loop: it points to {self.show(Path(os.path.realpath(path)))}, which contains it")
+
+    def files(self, directory: Path, recursive: bool) -> list[Path]:
+        """Image files under ``directory``, sorted; other files are skipped (listed)."""
+        found: list[Path] = []
+
+        def walk(current: Path, ancestors: list[str]) -> None:
+            try:
+                entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+            except OSError as error:
+                self.skip(current, f"cannot be listed: {error.strerror or error}")
+                return
+            for entry in entries:
+                path = Path(entry.path)
+                if _ignored(entry.name):
+                    self.skip(path, "hidden or metadata entry")
+                    continue
+                try:
+                    is_dir = entry.is_dir()  # follows links
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if not recursive:
+                        self.skip(path, "a folder inside a flat image folder")
+                    elif _is_loop(path, ancestors):
+                        self._loop(path)
+                    else:
+                        walk(path, ancestors + [os.path.realpath(path)])
+                elif path.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(path)
+                else:
+                    self.skip(path, f"not an image file (suffix {path.suffix or 'none'!r})")
+
+        walk(directory, [os.path.realpath(directory)])
+        return found
+
+    def read(self, paths: list[Path]) -> tuple[list[np.ndarray], list[bool]]:
+        """The decoded images of ``paths`` (unreadable ones skipped) and whether each file is grayscale."""
+        images, grays = [], []
+        for path in paths:
+            try:
+                array, original, gray = _decode_image(path, self.size)
+            except Exception as error:  # PIL raises many types for bad files
+                self.skip(path, f"{type(error).__name__}: {error}")
+                continue
+            if self.size == 0:
+                if self.reference is None:
+                    self.reference = (path, original)
+                elif original != self.reference[1]:
+                    (first, first_size) = self.reference
+                    raise SourceError(
+                        f"images differ in size: {self.show(first)} is {first_size[0]}x{first_size[1]} but "
+                        f"{self.show(path)} is {original[0]}x{original[1]} (width x height); set prepare.image_size "
+                        "(--image-size N) to resize and centre-crop every image to N x N"
+                    )
+            images.append(array)
+            grays.append(gray)
+        return images, grays
+
+    def load(self, folder: Path, class_names: list[str] | None):
+        """Images under ``folder``: class subfolders (labelled) or a flat folder (unlabelled).
+
+        Returns (images, gray flags, labels, class names); images are RGB (3, H, W) arrays.
+        """
+        subdirs, loops = self._subdirs(folder)
+        if class_names is None:
+            class_names = [path.name for path in subdirs]
+        images, grays, labels = [], [], []
+        if subdirs:
+            for path in sorted(folder.iterdir()):
+                if path in loops:
+                    self._loop(path)
+                elif _ignored(path.name):
+                    self.skip(path, "hidden or metadata entry")
+                elif not path.is_dir():
+                    self.skip(path, "a file beside the class folders (not in any class)")
+            for path in subdirs:
+                if path.name not in class_names:
+                    raise SourceError(f"class folder {self.show(path)} is not among the training classes {class_names}")
+                before = len(self.skipped)
+                class_images, class_grays = self.read(self.files(path, recursive=True))
+                if not class_images:
+                    unreadable = len(self.skipped) - before
+                    detail = f" ({unreadable} file(s) in it skipped)" if unreadable else ""
+                    raise SourceError(
+                        f"class folder {self.show(path)} holds no readable images{detail}; add images to it or remove it"
+                    )
+                images += class_images
+                grays += class_grays
+                labels += [class_names.index(path.name)] * len(class_images)
+        else:
+            images, grays = self.read(self.files(folder, recursive=False))
+            labels = [-1] * len(images)
+        return images, grays, labels, class_names
+
+
+def _is_loop(path: Path, ancestors: list[str]) -> bool:
+    """Whether the directory ``path`` leads back up the tree: to a directory being walked, or one containing it."""
+    target = os.path.realpath(path)
+    if target in ancestors:
+        return True
+    parent = os.path.realpath(path.parent)
+    return os.path.commonpath([target, parent]) == target
+
+
+def _stack(images: list[np.ndarray], grays: list[bool], channels: int) -> np.ndarray:
+    array = np.stack(images)
+    return array[:, :1].copy() if channels == 1 and all(grays) else (_luminance(array) if channels == 1 else array)
+
+
+def _load_imagefolder_dir(root: Path, config: PrepareConfig, show=str) -> RawSplits:
+    reader = _FolderReader(config.image_size, show)
+    has_splits = (root / "train").is_dir()
+    train_dir = root / "train" if has_splits else root
+    images, grays, labels, classes = reader.load(train_dir, None)
     if not images:
-        return None, None, class_names
-    return np.stack(images), np.asarray(labels, dtype=np.int64), class_names
+        raise SourceError(f"image folder {show(train_dir)} holds no readable images ({len(reader.skipped)} file(s) skipped)")
+    # One channel when every training image is grayscale; otherwise RGB (gray images replicated).
+    channels = 1 if all(grays) else 3
+    train_x = _stack(images, grays, channels)
+    test_x = test_y = None
+    if has_splits and (root / "test").is_dir():
+        test_images, test_grays, test_labels, _ = reader.load(root / "test", classes)
+        if test_images:
+            test_x = _stack(test_images, test_grays, channels)
+            test_y = np.asarray(test_labels, dtype=np.int64)
+    return RawSplits(train_x, np.asarray(labels, dtype=np.int64), test_x, test_y, classes, skipped=reader.skipped)
+
+
+# ------------------------------------------------------------------------------ archives
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
+
+
+def _is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _absolute(path: str) -> bool:
+    """POSIX or Windows absolute (``/x``, ``\\x``, ``C:x``)."""
+    return path.startswith(("/", "\\")) or (len(path) > 1 and path[0].isalpha() and path[1] == ":")
+
+
+def _unsafe_name(name: str) -> str | None:
+    """Why the archive member name ``name`` would land outside the extraction directory, or None."""
+    if not name:
+        return "it has an empty name"
+    if _absolute(name):
+        return "its path is absolute"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "its path has a '..' component"
+    return None
+
+
+def _unsafe_link(name: str, target: str, hard: bool, strict: bool = False) -> str | None:
+    """Why a link member ``name`` -> ``target`` would point outside the extraction directory, or None.
+
+    ``strict`` also refuses '..' anywhere in a symlink's target: without tarfile's ``data``
+    filter (Python < 3.11.4) that is what keeps a chain of links (``a -> .``, ``b -> a/..``)
+    from leading outside.
+    """
+    if _absolute(target):
+        return f"it is a link to the absolute path {target!r}"
+    if strict and not hard and ".." in target.replace("\\", "/").split("/"):
+        return f"it is a link to {target!r}, with a '..' component"
+    base = "" if hard else posixpath.dirname(name.replace("\\", "/"))  # hard links name a member; symlinks are relative
+    resolved = posixpath.normpath(posixpath.join(base, target.replace("\\", "/")))
+    if resolved == ".." or resolved.startswith("../"):
+        return f"it is a link to {target!r}, outside the archive"
+    return None
+
+
+def _refuse(archive: Path, member: str, reason: str):
+    return SourceError(
+        f"archive {archive}: member {member!r} refused: {reason}. Nothing from the archive is used or left "
+        "on disk; rebuild it with relative paths inside one folder"
+    )
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    has_filter = hasattr(tarfile, "data_filter")
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            reason = _unsafe_name(member.name)
+            if reason is None and (member.issym() or member.islnk()):
+                reason = _unsafe_link(member.name, member.linkname, hard=member.islnk(), strict=not has_filter)
+            if reason is None and (member.isdev() or not (member.isfile() or member.isdir() or member.issym() or member.islnk())):
+                reason = "it is a device, FIFO or other special file"
+            if reason:
+                raise _refuse(archive, member.name, reason)
+        if not has_filter:
+            tar.extractall(dest, members=members)
+            return
+        try:
+            tar.extractall(dest, members=members, filter="data")  # the stdlib's own checks, on top of ours
+        except tarfile.FilterError as error:
+            raise _refuse(archive, error.tarinfo.name, str(error)) from None
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as bundle:
+        infos = bundle.infolist()
+        for info in infos:
+            reason = _unsafe_name(info.filename)
+            if reason is None and stat.S_ISLNK(info.external_attr >> 16):
+                reason = _unsafe_link(info.filename, bundle.read(info).decode("utf-8", "replace"), hard=False)
+            if reason:
+                raise _refuse(archive, info.filename, reason)
+        bundle.extractall(dest)  # zipfile writes links as small regular files: they are skipped as non-images
+
+
+@contextlib.contextmanager
+def _extracted(archive: Path):
+    """A temporary directory holding the checked, extracted ``archive``; removed afterwards."""
+    import gzip as gzip_module
+    import lzma
+    import zlib
+
+    with tempfile.TemporaryDirectory(prefix="simclr-extract-") as scratch:
+        dest = Path(scratch)
+        try:
+            if archive.name.lower().endswith(".zip"):
+                _extract_zip(archive, dest)
+            else:
+                _extract_tar(archive, dest)
+        except SourceError:
+            raise
+        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, gzip_module.BadGzipFile, EOFError, RuntimeError) as error:
+            raise SourceError(f"archive {archive} cannot be read ({type(error).__name__}: {error}); is it complete?") from None
+        yield dest
+
+
+def _archive_root(dest: Path) -> Path:
+    """The extracted tree's image folder: the archive's single top folder if it has one (and it is not train/)."""
+    entries = [path for path in dest.iterdir() if not _ignored(path.name)]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() and entries[0].name not in ("train", "test"):
+        return entries[0]
+    return dest
+
+
+def _member_name(archive: Path, dest: Path, path: Path) -> str:
+    """``ARCHIVE:member/path`` for a file extracted from ``archive`` into ``dest``."""
+    for base in (dest, Path(os.path.realpath(dest))):
+        try:
+            return f"{archive}:{Path(path).relative_to(base)}"
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _load_imagefolder(config: PrepareConfig) -> RawSplits:
     if not config.source_root:
-        raise SourceError("prepare.source_root must name the image folder")
+        raise SourceError("prepare.source_root must name the image folder (or a .tar, .tar.gz or .zip of it)")
     root = Path(config.source_root)
+    if root.is_file():
+        if not _is_archive(root):
+            raise SourceError(
+                f"{root} is a file, not an image folder or an archive of one ({', '.join(ARCHIVE_SUFFIXES)})"
+            )
+        with _extracted(root) as dest:
+            top = _archive_root(dest)
+            return _load_imagefolder_dir(top, config, show=lambda path: _member_name(root, dest, path))
     if not root.is_dir():
         raise SourceError(f"image folder {root} does not exist")
-    skipped: list[dict] = []
-    has_splits = (root / "train").is_dir()
-    train_dir = root / "train" if has_splits else root
-    train_x, train_y, classes = _load_folder(train_dir, config.image_size, None, skipped)
-    if train_x is None:
-        raise SourceError(f"image folder {train_dir} holds no readable images ({len(skipped)} unreadable)")
-    test_x = test_y = None
-    if has_splits and (root / "test").is_dir():
-        test_x, test_y, _ = _load_folder(root / "test", config.image_size, classes, skipped)
-    return RawSplits(train_x, train_y, test_x, test_y, classes, skipped=skipped)
+    return _load_imagefolder_dir(root, config)
 
 
 def load_source(config: PrepareConfig) -> RawSplits:
@@ -269,14 +556,70 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """``out_dir`` may be absent, an empty directory, or a prepared dataset (which is replaced)."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise SourceError(f"--out {out_dir} exists and is not a directory; refusing to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise SourceError(
+            f"--out {out_dir} is a non-empty directory that is not a prepared dataset (no manifest.json); "
+            "refusing to replace it: choose another --out or empty it"
+        )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Put the finished ``tmp`` in place of ``out_dir``: the old dataset goes only once the new one is there."""
+    for path in tmp.iterdir():
+        _fsync(path)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent)) / "data"
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+            shutil.rmtree(old.parent, ignore_errors=True)
+        raise
+    _fsync(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def _clean_leftovers(out_dir: Path) -> None:
+    """Remove what a prepare killed half-way left beside ``out_dir`` (restoring a dataset moved aside)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+        if not out_dir.exists() and (old / "data" / "manifest.json").is_file():
+            os.replace(old / "data", out_dir)  # killed between the two renames of _commit
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
-    """Write the prepared dataset of ``config`` to ``out_dir`` (atomically); return its manifest."""
+    """Write the prepared dataset of ``config`` to ``out_dir`` (atomically); return its manifest.
+
+    The dataset is written into a temporary sibling directory, fsynced and renamed into place:
+    on any failure nothing is left behind, and a prepared dataset already at ``out_dir`` stays
+    as it was. ``out_dir`` must be absent, empty, or a prepared dataset.
+    """
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     raw = load_source(config)
     splits = _split_val(raw, config)
     if len(splits["train"][0]) == 0:
         raise SourceError(f"{config.source}: no training images left after the val split")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         counts = {}
@@ -289,6 +632,7 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
         subsets = {str(f): class_balanced_subset(train_labels, f, config.seed).tolist() for f in config.label_fractions}
         (tmp / "subsets.json").write_text(json.dumps(subsets))
         manifest = {
+            "format_version": FORMAT_VERSION,
             "source": config.source,
             "source_root": config.source_root or (str(DEBIAN_FASHION_MNIST) if config.source == "fashion-mnist" else ""),
             "config": dataclasses.asdict(config),
@@ -302,11 +646,15 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
+        _commit(tmp, out_dir)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                error.errno,
+                f"{os.strerror(error.errno)} while writing the prepared dataset {out_dir}; nothing was written "
+                "(a dataset already there is untouched): free some space and rerun",
+            ) from error
         raise
     return manifest
 
@@ -315,16 +663,57 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
 
 
 class PreparedDataset:
-    """Read access to a prepared dataset directory (images memory-mapped)."""
+    """Read access to a prepared dataset directory (images memory-mapped).
 
-    def __init__(self, root: str | Path) -> None:
+    Opening one checks it: the manifest's ``format_version`` must be :data:`FORMAT_VERSION`
+    (a manifest without the field predates it and has the same layout), and, with ``verify``,
+    every file the manifest lists must be there with its sha256. Failures are SourceErrors
+    that name the file and say to run ``simclr prepare`` again.
+    """
+
+    def __init__(self, root: str | Path, verify: bool = True) -> None:
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise SourceError(f"{self.root} is not a prepared dataset (no manifest.json); run `simclr prepare` first")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.class_names: list[str] = self.manifest["class_names"]
-        self.image_shape: tuple[int, int, int] = tuple(self.manifest["image_shape"])
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SourceError(f"{manifest_path} is not valid JSON ({error}); run `simclr prepare` again") from None
+        if not isinstance(manifest, dict):
+            raise SourceError(f"{manifest_path} does not hold a JSON object; run `simclr prepare` again")
+        version = manifest.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise SourceError(
+                f"{self.root} is a prepared dataset of format version {version!r}, but this simclr_core ({__version__}) "
+                f"reads version {FORMAT_VERSION}; run `simclr prepare` again to rewrite it"
+            )
+        missing = [key for key in ("class_names", "image_shape", "files") if key not in manifest]
+        if missing or not isinstance(manifest.get("files"), dict):
+            raise SourceError(f"{manifest_path} lacks {', '.join(missing) or 'a valid files'} entry; run `simclr prepare` again")
+        self.manifest = manifest
+        self.class_names: list[str] = manifest["class_names"]
+        self.image_shape: tuple[int, int, int] = tuple(manifest["image_shape"])
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Check that every file the manifest lists is there and matches its sha256."""
+        manifest_path = self.root / "manifest.json"
+        for name, expected in sorted(self.manifest["files"].items()):
+            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+                raise SourceError(f"{manifest_path} lists {name!r}, which is not a file name; run `simclr prepare` again")
+            path = self.root / name
+            if not path.is_file():
+                raise SourceError(
+                    f"{path} is listed in {manifest_path} but missing: the dataset is incomplete; run `simclr prepare` again"
+                )
+            actual = _sha256(path)
+            if actual != expected:
+                raise SourceError(
+                    f"{path} does not match its sha256 in {manifest_path} (expected {str(expected)[:12]}..., found "
+                    f"{actual[:12]}...): it was changed or corrupted after prepare; run `simclr prepare` again"
+                )
 
     @property
     def num_classes(self) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclr_core.augment import AugmentConfig, BatchedAugment, batched_test_transform
-from simclr_core.checkpoint import load_checkpoint
+from simclr_core.checkpoint import CheckpointError, load_checkpoint
 from simclr_core.config import ConfigError, FinetuneConfig, LinearEvalConfig, TransferConfig
 from simclr_core.data import PreparedDataset
 from simclr_core.features import extract
@@ -39,13 +39,57 @@ __all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetun
 
 
 def load_pretrained(path: str | Path, device: torch.device) -> tuple[SimCLRModel, dict[str, Any]]:
-    """The model saved by pretraining (``model.pt`` or a training checkpoint), and its model settings."""
+    """The model saved by pretraining (``model.pt`` or a training checkpoint), and its model settings.
+
+    Raises CheckpointError, naming the file, when it is not a pretraining checkpoint or its
+    weights do not fit the model its ``model_config`` describes (another architecture or width,
+    missing or extra weights).
+    """
     state = load_checkpoint(path, map_location="cpu")
-    if "model" not in state or "model_config" not in state:
-        raise ConfigError(f"{path} is not a simclr pretraining checkpoint (no 'model' / 'model_config')")
-    model = build_model(state["model_config"])
-    model.load_state_dict(state["model"])
-    return model.to(device), state["model_config"]
+    weights, model_config = state.get("model"), state.get("model_config")
+    if not isinstance(weights, dict) or not isinstance(model_config, dict):
+        raise CheckpointError(
+            f"{path} is not a simclr pretraining checkpoint: it needs 'model' (weights) and 'model_config' entries, "
+            f"it has {sorted(map(str, state))[:8]}; use the model.pt that `simclr pretrain` writes"
+        )
+    image_size = model_config.get("image_size")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise CheckpointError(f"{path}: model_config.image_size must be a positive integer, got {image_size!r}")
+    try:
+        model = build_model(model_config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its model_config cannot be built: {error}") from None
+    problems = _weight_mismatches(model.state_dict(), weights)
+    if problems:
+        raise CheckpointError(
+            f"{path}: its weights do not fit its model_config ({_describe_model(model_config)}): {'; '.join(problems)}. "
+            "It was written for another architecture or width, or edited; use the model.pt of the `simclr pretrain` run"
+        )
+    model.load_state_dict(weights)
+    return model.to(device), model_config
+
+
+def _describe_model(model_config: dict[str, Any]) -> str:
+    keys = ("arch", "width_multiplier", "cifar_stem", "proj_layers", "proj_hidden_dim", "proj_out_dim")
+    return ", ".join(f"{key} {model_config[key]}" for key in keys if key in model_config)
+
+
+def _weight_mismatches(expected: dict[str, torch.Tensor], weights: dict[str, Any], shown: int = 3) -> list[str]:
+    """What keeps ``weights`` from loading into a model whose state dict is ``expected`` (empty when it loads)."""
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    wrong = [
+        f"{key}: checkpoint {tuple(weights[key].shape) if torch.is_tensor(weights[key]) else type(weights[key]).__name__}, "
+        f"model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in weights and (not torch.is_tensor(weights[key]) or weights[key].shape != expected[key].shape)
+    ]
+    problems = []
+    for label, keys in (("missing weight(s)", missing), ("unexpected weight(s)", unexpected), ("size mismatch(es)", wrong)):
+        if keys:
+            more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(map(str, keys[:shown]))}{more}")
+    return problems
 
 
 def random_init_model(model_config: dict[str, Any], seed: int, device: torch.device) -> SimCLRModel:

@@ -322,7 +322,7 @@ def read_bytes(uri: str | Path) -> bytes:
     """The bytes of one file or object."""
     if is_remote(uri):
         parent, _, name = str(uri).rstrip("/").rpartition("/")
-        if not name or parent == "gs:":
+        if not name or parent in ("gs:", "gs:/"):
             raise StorageError(f"{uri!r} names no object: expected gs://BUCKET/PATH")
         return open_store(parent).read_bytes(name)
     try:

@@ -97,19 +97,23 @@ class _Plan:
     lr: float
 
 
-def check_world_size(config: PretrainConfig, world_size: int) -> None:
-    """The global batch must split evenly over the processes (checked before any rendezvous)."""
+def check_world_size(config: PretrainConfig, world_size: int, num_images: int | None = None) -> None:
+    """The global batch must split evenly over the processes and fit in the training split.
+
+    Called by the CLI before any rendezvous, so a bad launch fails at once instead of hanging.
+    """
     if config.batch_size < world_size or config.batch_size % world_size:
         raise ConfigError(
             f"pretrain.batch_size={config.batch_size} must be a multiple of the number of processes ({world_size})"
         )
+    if num_images is not None and num_images < config.batch_size:
+        more = f"; {world_size} processes cannot each get an image" if world_size > num_images else ""
+        raise ConfigError(f"pretrain.batch_size={config.batch_size} is larger than the training split ({num_images} images){more}")
 
 
 def _plan(config: PretrainConfig, num_images: int, world_size: int) -> _Plan:
-    check_world_size(config, world_size)
+    check_world_size(config, world_size, num_images)
     steps_per_epoch = num_images // config.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"pretrain.batch_size={config.batch_size} is larger than the training split ({num_images} images)")
     total = steps_per_epoch * config.epochs
     return _Plan(
         num_images=num_images,
