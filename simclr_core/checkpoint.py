@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from simclr_core.storage import Store, StorageError, is_remote, read_bytes, write_atomic
+from simclr_core.storage import Store, StorageError, is_remote, read_bytes, sha256_file, write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointManager"]
 
@@ -82,14 +82,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return _load_bytes(data, str(path), map_location)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class CheckpointManager:
     """The checkpoints of one run in ``store`` (see the module docstring for the layout)."""
 
@@ -110,7 +102,7 @@ class CheckpointManager:
                 stream.flush()
                 os.fsync(stream.fileno())
             meta = {
-                "file": name, "step": step, "sha256": _sha256_file(tmp), "bytes": tmp.stat().st_size,
+                "file": name, "step": step, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
                 "knn_accuracy": knn_accuracy, "saved_at": time.time(),
             }
             self.store.put_file(tmp, name)

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import errno
 import gzip
-import hashlib
 import json
 import os
 import posixpath
@@ -49,6 +48,7 @@ import torch
 
 from simclr_core import __version__
 from simclr_core.config import ConfigError, PrepareConfig
+from simclr_core.storage import sha256_file
 
 __all__ = ["RawSplits", "prepare", "PreparedDataset", "load_source", "class_balanced_subset", "DEBIAN_FASHION_MNIST"]
 
@@ -548,14 +548,6 @@ def _split_val(raw: RawSplits, config: PrepareConfig) -> dict[str, tuple[np.ndar
     return splits
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_out_dir(out_dir: Path) -> None:
     """``out_dir`` may be absent, an empty directory, or a prepared dataset (which is replaced)."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
@@ -642,7 +634,7 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
             "label_subsets": {k: len(v) for k, v in subsets.items()},
             "skipped": raw.skipped,
             "simclr_core_version": __version__,
-            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private
@@ -708,7 +700,7 @@ class PreparedDataset:
                 raise SourceError(
                     f"{path} is listed in {manifest_path} but missing: the dataset is incomplete; run `simclr prepare` again"
                 )
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual != expected:
                 raise SourceError(
                     f"{path} does not match its sha256 in {manifest_path} (expected {str(expected)[:12]}..., found "

@@ -19,6 +19,7 @@ Steps that need a local directory (a prepared dataset is memory-mapped) use
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import IO, Any, Callable, Iterator
 
 __all__ = [
     "StorageError", "StorageUnavailable", "Store", "LocalStore", "GCSStore", "open_store", "is_remote",
-    "split_gs_uri", "join", "read_bytes", "staged_input", "staged_output", "write_atomic", "write_text", "write_json",
+    "split_gs_uri", "join", "read_bytes", "sha256_file", "staged_input", "staged_output", "write_atomic", "write_text", "write_json",
 ]
 
 log = logging.getLogger("simclr.storage")
@@ -67,6 +68,15 @@ def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "w")
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> None:
