@@ -254,7 +254,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
     results: dict[str, Any] = {}
     progress = _progress(plan.total_steps, step, config.batch_size, env.is_main)
     epoch_loss = torch.zeros((), device=env.device)
-    epoch_steps, epoch_start = 0, time.perf_counter()
+    epoch_steps, epoch_start, epoch_wait = 0, time.perf_counter(), 0.0
     train_model.train()
     monitor = TrainingMonitor(env.rank, env.local_rank, config.metrics_port, config.metrics_pushgateway)
     batches = _Prefetcher(make_views, step, plan.total_steps)
@@ -284,14 +284,17 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
             epoch = (step - 1) // plan.steps_per_epoch + 1
             lr = optimizer.param_groups[0]["lr"]
             monitor.on_step(step, epoch, loss_value, lr, plan.local_batch, time.perf_counter() - step_start, data_wait)
+            epoch_wait += data_wait
             progress.update(1)
             progress.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", refresh=False)
             end_of_epoch = step % plan.steps_per_epoch == 0
             if end_of_epoch:
+                epoch_seconds = time.perf_counter() - epoch_start
                 results = _end_epoch(
-                    step // plan.steps_per_epoch, epoch_loss, epoch_steps, time.perf_counter() - epoch_start,
+                    step // plan.steps_per_epoch, epoch_loss, epoch_steps, epoch_seconds,
                     plan, config, env, model, knn_data, image_size, optimizer,
                 )
+                results["data_wait_fraction"] = epoch_wait / max(epoch_seconds, 1e-9)  # this rank's
                 metrics.log_epoch(results)
                 monitor.on_epoch(results)
                 progress.write(_describe(results, config.epochs))
@@ -300,7 +303,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                     save(step, results.get("knn_accuracy") if end_of_epoch else None)
             if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
                 epoch_loss.zero_()
-                epoch_steps, epoch_start = 0, time.perf_counter()
+                epoch_steps, epoch_start, epoch_wait = 0, time.perf_counter(), 0.0
     finally:
         batches.close()
         progress.close()
