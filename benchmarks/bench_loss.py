@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import best_seconds, write_results  # benchmarks/ is the script's directory
+from common import best_seconds, peak_rss_kib, reset_peak_rss_kib, write_results  # benchmarks/ is the script's directory
 
 SECTION = "bench_loss"
 DIM = 128
@@ -52,10 +51,9 @@ def _measure(kind: str, batch: int, repeats: int) -> dict:
         z_a.grad = z_b.grad = None
         fn().backward()
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_rss_kib()
     seconds = best_seconds(step, repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_mib": (peak - before) / 1024}
+    return {"seconds": seconds, "peak_mib": (peak_rss_kib() - before) / 1024}
 
 
 def measure_in_subprocess(kind: str, batch: int, repeats: int) -> dict:

@@ -6,11 +6,11 @@ For ResNet-18 at 32 px (CIFAR stem and ImageNet stem), global batch B:
   from disk, the paper's augmentations drawn per image, both views in one forward pass,
   NT-Xent, LARS, global BN), from the second epoch (the first pays warm-up);
 - **bare**: images/s of the same model's forward + backward on 2B already-made tensors
-  (B images per step, as above), same threads;
+  (B images per step, as above), same threads, the mean over as many steps as the timed epoch;
 - **step efficiency** = end to end / bare (issue 6 target >= 0.95 on this CPU);
 - **data path alone**: images/s of reading + augmenting a batch the way the trainer does,
   and the trainer's own data-wait share of its step time (target < 2%);
-- **memory**: peak RSS of the process per image of the batch.
+- **memory**: peak RSS of the pretraining run above the process before it, per image.
 
 Usage: python benchmarks/bench_step.py [--batch-size 256] [--steps 4] [--stems imagenet,cifar] [--no-write]
 """
@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_step.py [--batch-size 256] [--steps 4] [--stems i
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import best_seconds, write_results  # benchmarks/ is the script's directory
+from common import best_seconds, mean_seconds, peak_rss_kib, reset_peak_rss_kib, write_results  # benchmarks/ is the script's directory
 from simclr_core.augment import BatchedAugment
 from simclr_core.config import PrepareConfig, PretrainConfig
 from simclr_core.data import PreparedDataset, prepare
@@ -77,7 +76,7 @@ def bare_rate(config: PretrainConfig, repeats: int) -> float:
         _, z = model(views)
         z.float().sum().backward()
 
-    return config.batch_size / best_seconds(step, repeats)
+    return config.batch_size / mean_seconds(step, repeats)  # an epoch's rate is a mean over its steps too
 
 
 def data_path_rate(data: Path, config: PretrainConfig, repeats: int) -> float:
@@ -96,10 +95,6 @@ def data_path_rate(data: Path, config: PretrainConfig, repeats: int) -> float:
     return batch / best_seconds(fetch, repeats)
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(batch_size: int, steps: int, stems: list[str], repeats: int) -> list[tuple[str, str, str]]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -108,8 +103,10 @@ def run(batch_size: int, steps: int, stems: list[str], repeats: int) -> list[tup
             config = pretrain_config(batch_size, stem == "cifar", epochs=2)
             label = f"ResNet-18, 32 px, {stem} stem, B={batch_size}"
             start = time.perf_counter()
+            baseline = reset_peak_rss_kib()
             e2e, wait = end_to_end(data, config)
-            bare = bare_rate(config, repeats)
+            peak_mib = (peak_rss_kib() - baseline) / 1024
+            bare = bare_rate(config, steps)
             path = data_path_rate(data, config, repeats)
             rows += [
                 (f"end to end (pretrain), {label}", f"{e2e:,.1f} images/s", f"2 epochs x {steps} steps; the second is timed"),
@@ -118,10 +115,11 @@ def run(batch_size: int, steps: int, stems: list[str], repeats: int) -> list[tup
                 (f"data path alone (read + 2 views), {label}", f"{path:,.0f} images/s",
                  f"{path / e2e:,.0f}x what the trainer consumes; {bare / path:.1%} of the bare step if not overlapped"),
                 (f"trainer's data wait, {label}", f"{100 * wait:.2f}% of step time", "made in a background thread; target < 2%"),
+                (f"peak RSS of pretraining above the process before it, {label}", f"{peak_mib:,.0f} MiB",
+                 f"{peak_mib / batch_size:.2f} MiB per image (both views, activations, model, optimizer)"),
             ]
-            for row in rows[-5:]:
+            for row in rows[-6:]:
                 print(row, f"({time.perf_counter() - start:.0f} s)", flush=True)
-        rows.append((f"peak RSS, B={batch_size}", f"{peak_rss_mib():,.0f} MiB", f"{peak_rss_mib() / batch_size:.2f} MiB per image (whole process)"))
     return rows
 
 
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.batch_size, args.steps, args.stems.split(","), args.repeats)
     if not args.no_write:
         command = "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results(f"{SECTION} (B={args.batch_size})", rows, command)
+        write_results(f"{SECTION} (B={args.batch_size}, {args.stems} stem)", rows, command)
     return 0
 
 

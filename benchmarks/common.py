@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -22,6 +23,15 @@ def best_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def mean_seconds(fn, repeats: int) -> float:
+    """Mean of ``repeats`` timed calls after one warm-up call (to compare with an epoch's average step)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
 
 
 def machine() -> str:
@@ -51,3 +61,27 @@ def write_results(section: str, rows: list[tuple[str, str, str]], command: str, 
     tmp = RESULTS.with_suffix(".md.tmp")
     tmp.write_text(existing.rstrip("\n") + "\n\n" + header + body + "\n")
     tmp.replace(RESULTS)
+
+
+def reset_peak_rss_kib() -> int:
+    """Reset this process's peak RSS (on Linux a child starts with its parent's) and return the RSS now, KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_kib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kib() -> int:
+    """Peak RSS of this process since the last reset, KiB."""
+    try:
+        return _proc_status_kib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")

@@ -183,3 +183,16 @@ def test_every_step_reads_and_writes_gs(emulator, tiny_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(open_store(evaluation).read_bytes("metrics.json"))
     assert 0.0 <= metrics["top1"] <= 1.0 and 0.0 <= metrics["random_init_top1"] <= 1.0
+
+
+def test_denied_access_is_a_clear_usage_error(emulator, monkeypatch):
+    """The emulator grants everything; a 403 from the service is simulated at the client's blob."""
+    from google.api_core import exceptions as gexc
+    from google.cloud.storage import Blob
+
+    def forbidden(self, *args, **kwargs):
+        raise gexc.Forbidden("caller does not have storage.objects.get access")
+
+    monkeypatch.setattr(Blob, "download_as_bytes", forbidden)
+    with pytest.raises(StorageError, match=rf"access to gs://{BUCKET}/private/x\.pt denied: caller does not have"):
+        open_store(_uri("private")).read_bytes("x.pt")
