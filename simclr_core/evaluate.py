@@ -17,7 +17,6 @@ Accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

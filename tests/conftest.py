@@ -22,14 +22,25 @@ TINY_PRETRAIN = [
 ]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m simclr_core ARGS`` without params.yaml; return the finished process."""
+def cli_argv(*args: str, fault: tuple[str, int] | None = None) -> list[str]:
+    """``python -m simclr_core ARGS``, or, with ``fault``, the same through tests/faults.py."""
+    head = ["-m", "tests.faults", fault[0], str(fault[1]), "--"] if fault else ["-m", "simclr_core"]
+    return [sys.executable, *head, *[str(arg) for arg in args]]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """This environment without torch.distributed variables, one thread, tests/ importable from any cwd."""
     environment = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    environment["OMP_NUM_THREADS"] = "1"
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "simclr_core", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
-    )
+    environment.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    environment.update(extra or {})
+    return environment
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300, fault: tuple[str, int] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m simclr_core ARGS`` (with ``fault`` injected) without params.yaml; return the finished process."""
+    return subprocess.run(cli_argv(*args, fault=fault), cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def _pattern_image(label: int, index: int, size: int) -> np.ndarray:

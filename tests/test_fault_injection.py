@@ -7,11 +7,9 @@ PyTorchJob pod restarted with restartPolicy OnFailure would run it.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
 from simclr_core.storage import LocalStore
-from tests.conftest import DIST_VARS, REPO, TINY_PRETRAIN
+from tests.conftest import TINY_PRETRAIN, cli_argv, cli_env, run_cli
 from tests.multiproc import free_port
 
 # 54 training images, batch 16: 3 steps per epoch, 9 steps in all; checkpoints after steps
@@ -29,22 +27,12 @@ TOTAL_STEPS = 9
 UNSAVED_STEPS = (1, 5, 7)  # steps after which no checkpoint is written: a kill there loses work
 
 
-def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.update(extra or {})
-    return env
+def _cli_args(data: Path, out: Path) -> list[str]:
+    return ["pretrain", "--data", str(data), "--out", str(out), "--device", "cpu", *SETTINGS]
 
 
-def _command(data: Path, out: Path, fault: tuple[str, int] | None, *extra: str) -> list[str]:
-    cli = ["pretrain", "--data", str(data), "--out", str(out), "--device", "cpu", *SETTINGS, *extra]
-    if fault is None:
-        return [sys.executable, "-m", "simclr_core", *cli]
-    return [sys.executable, "-m", "tests.faults", fault[0], str(fault[1]), "--", *cli]
-
-
-def _run(data: Path, out: Path, fault: tuple[str, int] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(data, out, fault), env=_env(env), capture_output=True, text=True, timeout=300, cwd=REPO)
+def _run(data: Path, out: Path, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*_cli_args(data, out), fault=fault)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -130,9 +118,9 @@ def _launch_job(data: Path, out: Path, fault: tuple[str, int] | None, port: int)
     """Two gloo processes with the environment the Training Operator gives a PyTorchJob's pods."""
     processes = []
     for rank in range(2):
-        env = _env(dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0", FAULT_RANK="1"))
+        env = cli_env(dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0", FAULT_RANK="1"))
         processes.append(subprocess.Popen(
-            _command(data, out, fault), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cli_argv(*_cli_args(data, out), fault=fault), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         ))
     return processes
 

@@ -22,7 +22,7 @@ import torch
 from simclr_core import storage
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
 from simclr_core.storage import StorageError, StorageUnavailable, open_store, staged_input, staged_output
-from tests.conftest import DIST_VARS, REPO, TINY_PRETRAIN
+from tests.conftest import TINY_PRETRAIN, run_cli
 from tests.multiproc import free_port
 
 BUCKET = "simclr-test"
@@ -148,13 +148,6 @@ def test_checkpoints_on_gcs_keep_k_and_fall_back(emulator, caplog):
     assert meta["step"] == 2 and state["step"] == 2 and "does not match" in caplog.text
 
 
-def _cli(*args: str, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    head = ["-m", "tests.faults", fault[0], str(fault[1]), "--"] if fault else ["-m", "simclr_core"]
-    return subprocess.run([sys.executable, *head, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-
-
 def test_every_step_reads_and_writes_gs(emulator, tiny_folder, tmp_path):
     """prepare from gs://, pretrain to gs:// (killed, then resumed from gs://), linear eval from gs://."""
     source = open_store(_uri("e2e", "images"))
@@ -164,22 +157,22 @@ def test_every_step_reads_and_writes_gs(emulator, tiny_folder, tmp_path):
         source.put_file(copy, str(path.relative_to(tiny_folder)))
 
     prepared, run, evaluation = _uri("e2e", "prepared"), _uri("e2e", "run"), _uri("e2e", "linear")
-    result = _cli("prepare", "--source", "imagefolder", "--source-root", _uri("e2e", "images"), "--val-fraction", "0.25",
+    result = run_cli("prepare", "--source", "imagefolder", "--source-root", _uri("e2e", "images"), "--val-fraction", "0.25",
                   "--label-fractions", "0.1,0.5", "--out", prepared)
     assert result.returncode == 0, result.stderr
     assert "manifest.json" in open_store(prepared).list()
 
     pretrain = ["pretrain", "--data", prepared, "--out", run, "--device", "cpu", *TINY_PRETRAIN, "--checkpoint-every", "2"]
-    killed = _cli(*pretrain, fault=("kill-before-step", 5))
+    killed = run_cli(*pretrain, fault=("kill-before-step", 5))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert json.loads(open_store(run).read_bytes("checkpoints/latest.json"))["step"] == 4
-    resumed = _cli(*pretrain)
+    resumed = run_cli(*pretrain)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {run}/checkpoints/step-00000004.pt at step 4 of 6" in resumed.stderr
     assert {"model.pt", "live/metrics.json"} <= set(open_store(run).list())
     assert load_checkpoint(f"{run}/model.pt")["step"] == 6
 
-    result = _cli("linear-eval", "--model", f"{run}/model.pt", "--data", prepared, "--out", evaluation, "--device", "cpu")
+    result = run_cli("linear-eval", "--model", f"{run}/model.pt", "--data", prepared, "--out", evaluation, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(open_store(evaluation).read_bytes("metrics.json"))
     assert 0.0 <= metrics["top1"] <= 1.0 and 0.0 <= metrics["random_init_top1"] <= 1.0
