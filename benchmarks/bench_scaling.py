@@ -9,7 +9,7 @@ Weak-scaling efficiency at W processes = rate(W) / (W * rate(1)). Issue 6 target
 2 CPU processes. Everything the trainer does across processes is in the figure: the NT-Xent
 gather, global BatchNorm's statistics, DDP's gradient all-reduce.
 
-Usage: python benchmarks/bench_scaling.py [--procs 1,2] [--local-batch 64] [--device cpu] [--no-write]
+Usage: python benchmarks/bench_scaling.py [--procs 1,2] [--local-batch 64] [--repeats 3] [--device cpu] [--no-write]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,20 +46,31 @@ def rate(data: Path, procs: int, local_batch: int, steps: int, device: str, cifa
         return json.loads(Path(out, "live", "metrics.json").read_text())["images_per_second"]
 
 
-def run(procs: list[int], local_batch: int, steps: int, device: str, cifar_stem: bool) -> list[tuple[str, str, str]]:
-    rows = []
+def run(
+    procs: list[int], local_batch: int, steps: int, device: str, cifar_stem: bool, repeats: int
+) -> list[tuple[str, str, str]]:
+    """Median rate per process count over ``repeats`` rounds; each round runs every count once,
+    so a slow spell of a shared machine lands on all counts rather than on one."""
     with tempfile.TemporaryDirectory() as root:
         data = make_dataset(Path(root), local_batch * max(procs) * steps)
-        rates = {}
-        for count in procs:
-            rates[count] = rate(data, count, local_batch, steps, device, cifar_stem)
-            efficiency = rates[count] / (count * rates[procs[0]] / procs[0])
-            rows.append((
-                f"{count} process(es) x local batch {local_batch}, ResNet-18 32 px ({'CIFAR' if cifar_stem else 'ImageNet'} stem), {device}",
-                f"{rates[count]:,.1f} images/s",
-                f"weak-scaling efficiency {efficiency:.3f}" + (" (target >= 0.9)" if count > 1 and device == "cpu" else ""),
-            ))
-            print(rows[-1], flush=True)
+        samples: dict[int, list[float]] = {count: [] for count in procs}
+        for round_ in range(repeats):
+            for count in procs:
+                samples[count].append(rate(data, count, local_batch, steps, device, cifar_stem))
+                print(f"round {round_ + 1}/{repeats}: {count} process(es) {samples[count][-1]:,.1f} images/s", flush=True)
+    medians = {count: statistics.median(values) for count, values in samples.items()}
+    reference = medians[procs[0]] / procs[0]
+    rows = []
+    for count in procs:
+        efficiency = medians[count] / (count * reference)
+        spread = f"{min(samples[count]):,.1f} to {max(samples[count]):,.1f}"
+        rows.append((
+            f"{count} process(es) x local batch {local_batch}, ResNet-18 32 px ({'CIFAR' if cifar_stem else 'ImageNet'} stem), {device}",
+            f"{medians[count]:,.1f} images/s",
+            f"weak-scaling efficiency {efficiency:.3f}" + (" (target >= 0.9)" if count > 1 and device == "cpu" else "")
+            + f"; median of {repeats} (range {spread})",
+        ))
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -69,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per epoch at the largest process count")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cifar-stem", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the median rate of each count is reported")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    rows = run([int(p) for p in args.procs.split(",")], args.local_batch, args.steps, args.device, args.cifar_stem)
+    rows = run([int(p) for p in args.procs.split(",")], args.local_batch, args.steps, args.device, args.cifar_stem, args.repeats)
     if not args.no_write:
         write_results(f"{SECTION} ({args.device})", rows, "python benchmarks/bench_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0

@@ -68,8 +68,8 @@ def end_to_end(data: Path, config: PretrainConfig) -> tuple[float, float]:
 def bare_rate(config: PretrainConfig, repeats: int) -> float:
     """images/s of forward + backward of the same model on 2B ready tensors (B images a step)."""
     torch.manual_seed(0)
-    model = build_model(model_config_for(config, SIZE)).train()
-    views = torch.randn(2 * config.batch_size, 3, SIZE, SIZE)
+    model = build_model(model_config_for(config, SIZE)).train().to(memory_format=torch.channels_last)
+    views = torch.randn(2 * config.batch_size, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)  # as the trainer
 
     def step():
         model.zero_grad(set_to_none=True)

@@ -21,7 +21,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from simclr_core.config import ConfigError
@@ -231,33 +230,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return self._forward_global(input)
 
     def _forward_global(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        reduce_dims = [0, *range(2, x.dim())]
-        x32 = x.float()
-        count = torch.tensor(x.numel() / channels, dtype=torch.float32, device=x.device)
-        local_mean = x32.mean(dim=reduce_dims)  # (C,)
-        local_m2 = (x32 - _per_channel(local_mean, x.dim())).square().sum(dim=reduce_dims)  # (C,)
-        stats = torch.cat([count.reshape(1), local_mean, local_m2])  # (1 + 2C,)
-        all_stats = all_gather_with_grad(stats.unsqueeze(0))  # (W, 1 + 2C)
-        counts = all_stats[:, :1]  # (W, 1)
-        means = all_stats[:, 1 : 1 + channels]  # (W, C)
-        m2s = all_stats[:, 1 + channels :]  # (W, C)
-        total = counts.sum()
-        mean = (counts * means).sum(dim=0) / total  # (C,)
-        m2 = (m2s + counts * (means - mean).square()).sum(dim=0)  # (C,)
-        var = m2 / total  # biased, used to normalise
-
+        out, mean, var, total = _GlobalBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
         if self.track_running_stats and self.running_mean is not None:
-            self._update_running_stats(mean.detach(), (m2 / (total - 1).clamp(min=1)).detach())
-
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        out = x32 * _per_channel(scale, x.dim()) + _per_channel(shift, x.dim())
-        return out.to(x.dtype)
+            self._update_running_stats(mean, var * (total / (total - 1).clamp(min=1)))
+        return out
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
@@ -268,6 +244,71 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor = self.momentum
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm over every rank's batch, on torch's fused CPU/GPU kernels.
+
+    Forward: each rank's per-channel (count, mean, M2) are all-gathered and combined exactly
+    (Chan et al.'s parallel variance); the normalisation itself is one pass of the native
+    kernel (``batch_norm`` in inference form, with the global mean and variance).
+    Backward: the native kernel gives ``dy * gamma * invstd`` and the local sums
+    ``sum(dy)`` and ``sum(dy * xhat)`` (= the parameter gradients); one all_reduce of those
+    two (C,) sums gives the global ones, and
+    ``dx = gamma * invstd * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`` (M = global
+    count) is finished in two in-place passes. One collective forward and one backward per
+    layer, as with torch's SyncBatchNorm, and a few full-tensor passes instead of autograd's
+    dozen. Shapes: x (N, C, *) on this rank; weight, bias (C,) or None; returns the output
+    (N, C, *), the global mean and biased variance (C,) and the global count (scalar).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        x32 = x.float()
+        count = x32.new_full((1,), x.numel() / channels)
+        local_var, local_mean = torch.var_mean(x32, dim=dims, correction=0)  # (C,), (C,)
+        stats = torch.cat([count, local_mean, local_var * count])  # (1 + 2C,)
+        gathered = stats.new_empty(dist.get_world_size() * stats.numel())
+        dist.all_gather_into_tensor(gathered, stats)
+        gathered = gathered.view(-1, stats.numel())
+        counts, means, m2s = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+        total = counts.sum()
+        mean = (counts * means).sum(dim=0) / total  # (C,)
+        var = (m2s + counts * (means - mean).square()).sum(dim=0) / total  # (C,), biased
+        out = torch.batch_norm(x32, weight, bias, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(x32, weight, mean, var)
+        ctx.eps, ctx.total, ctx.input_dtype = eps, total, x.dtype
+        ctx.mark_non_differentiable(mean, var, total)
+        return out.to(x.dtype), mean, var, total
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
+        x32, weight, mean, var = ctx.saved_tensors
+        grad_out = grad_out.float().contiguous(memory_format=_memory_format(x32))
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x32, weight, mean, var, None, None, False, ctx.eps, [True, True, True]
+        )  # grad_x = dy * gamma * invstd; grad_weight = sum(dy * xhat); grad_bias = sum(dy), local
+        sums = torch.cat([grad_bias, grad_weight])  # (2C,)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        sum_dy, sum_dy_xhat = sums.chunk(2)
+        invstd = torch.rsqrt(var + ctx.eps)
+        gamma = weight.float() if weight is not None else torch.ones_like(var)
+        slope = gamma * invstd.square() * sum_dy_xhat / ctx.total  # per unit of (x - mean)
+        offset = gamma * invstd * sum_dy / ctx.total - slope * mean
+        grad_x.addcmul_(x32, _per_channel(-slope, x32.dim())).sub_(_per_channel(offset, x32.dim()))
+        return (
+            grad_x.to(ctx.input_dtype),
+            grad_weight if weight is not None else None,
+            grad_bias if weight is not None else None,
+            None,
+        )
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:

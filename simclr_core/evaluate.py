@@ -65,7 +65,7 @@ def load_pretrained(path: str | Path, device: torch.device) -> tuple[SimCLRModel
             "It was written for another architecture or width, or edited; use the model.pt of the `simclr pretrain` run"
         )
     model.load_state_dict(weights)
-    return model.to(device), model_config
+    return model.to(device, memory_format=torch.channels_last), model_config  # faster on CPU and GPU (train.py)
 
 
 def _describe_model(model_config: dict[str, Any]) -> str:
@@ -93,7 +93,7 @@ def _weight_mismatches(expected: dict[str, torch.Tensor], weights: dict[str, Any
 
 def random_init_model(model_config: dict[str, Any], seed: int, device: torch.device) -> SimCLRModel:
     torch.manual_seed(seed)
-    return build_model(model_config).to(device)
+    return build_model(model_config).to(device, memory_format=torch.channels_last)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -266,7 +266,7 @@ def train_classifier(
         order = torch.randperm(n, generator=seeded_generator(seed, 4, epoch))
         index = order[position * batch_size : (position + 1) * batch_size].sort().values
         batch = torch.from_numpy(np.ascontiguousarray(images[index.numpy()])).to(device)
-        views = augment(batch, seeded_generator(seed, 5, step))
+        views = augment(batch, seeded_generator(seed, 5, step)).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(network(views), labels[index.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,7 +294,7 @@ def _finetune_pair(
         else:
             model = random_init_model(model_config, seed, device)
         torch.manual_seed(seed)
-        network = Classifier(model, head_layers, num_classes).to(device)
+        network = Classifier(model, head_layers, num_classes).to(device, memory_format=torch.channels_last)
         train_classifier(network, images, labels, model_config["image_size"], epochs, batch_size, lr, weight_decay, min_steps, seed, device)
         results[init] = score_classifier(network, test_images, test_labels, model_config["image_size"], device)
     return results

@@ -22,5 +22,8 @@ def extract(
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)  # copy out of the memmap
-        chunks.append(encoder_fn(transform(batch)).float().cpu())
+        inputs = transform(batch)
+        if inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)  # the layout the models are kept in
+        chunks.append(encoder_fn(inputs).float().cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0)

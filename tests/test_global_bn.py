@@ -13,21 +13,29 @@ WORLD = 2
 
 
 def _make_net(kind: str, channels: int) -> nn.Module:
+    """kind: "2d", "1d", "2d-plain" (no affine parameters) or "2d-channels-last"."""
     torch.manual_seed(3)
-    bn = nn.BatchNorm2d(channels, momentum=0.3) if kind == "2d" else nn.BatchNorm1d(channels, momentum=None)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
+    affine = kind != "2d-plain"
+    if kind.startswith("2d"):
+        bn = nn.BatchNorm2d(channels, momentum=0.3, affine=affine)
+    else:
+        bn = nn.BatchNorm1d(channels, momentum=None)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
     return nn.Sequential(bn)
 
 
 def _inputs(kind: str, sizes: list[int], channels: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Global input (sum(sizes), C[, H, W]) with per-rank offsets, and the upstream gradient."""
     generator = torch.Generator().manual_seed(100 + step)
-    shape = (sum(sizes), channels) + ((3, 4) if kind == "2d" else ())
+    shape = (sum(sizes), channels) + ((3, 4) if kind.startswith("2d") else ())
     x = torch.randn(*shape, generator=generator) * 2.0 + 5.0
     x[: sizes[0]] += 3.0  # rank 0's rows are unlike rank 1's
     upstream = torch.randn(*shape, generator=generator)
+    if kind == "2d-channels-last":
+        x, upstream = x.to(memory_format=torch.channels_last), upstream.to(memory_format=torch.channels_last)
     return x, upstream
 
 
@@ -43,7 +51,8 @@ def _bn_worker(env: DistEnv, kind: str, sizes: list[int], channels: int, steps: 
         net.zero_grad()
         out = net(x)
         (out * upstream_all[rows]).sum().backward()
-        outputs.append({"out": out.detach(), "x_grad": x.grad, "w_grad": net[0].weight.grad.clone(), "b_grad": net[0].bias.grad.clone()})
+        grads = {"w_grad": net[0].weight.grad.clone(), "b_grad": net[0].bias.grad.clone()} if net[0].affine else {}
+        outputs.append({"out": out.detach(), "x_grad": x.grad, **grads})
     net.eval()
     x_eval, _ = _inputs(kind, sizes, channels, 99)
     return {
@@ -58,8 +67,8 @@ def _bn_worker(env: DistEnv, kind: str, sizes: list[int], channels: int, steps: 
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
     "kind,sizes,channels",
-    [("2d", [4, 4], 3), ("1d", [3, 5], 6)],
-    ids=["bn2d-equal-batches", "bn1d-unequal-batches"],
+    [("2d", [4, 4], 3), ("1d", [3, 5], 6), ("2d-plain", [2, 6], 3), ("2d-channels-last", [4, 4], 5)],
+    ids=["bn2d-equal-batches", "bn1d-unequal-batches", "bn2d-no-affine", "bn2d-channels-last"],
 )
 def test_global_bn_equals_plain_bn_on_concatenated_batch(kind, sizes, channels):
     steps = 3
@@ -78,6 +87,8 @@ def test_global_bn_equals_plain_bn_on_concatenated_batch(kind, sizes, channels):
             got = result["steps"][step]
             torch.testing.assert_close(got["out"], out.detach()[rows], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got["x_grad"], x_all.grad[rows], atol=1e-5, rtol=1e-5)
+        if not reference[0].affine:
+            continue
         # Each rank holds the gradient of its own rows' loss; their sum is the global one
         # (DistributedDataParallel all-reduces exactly these).
         w_grad = sum(r["steps"][step]["w_grad"] for r in results)
