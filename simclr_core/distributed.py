@@ -249,25 +249,25 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 class _GlobalBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over every rank's batch, on torch's fused CPU/GPU kernels.
 
-    Forward: each rank's per-channel (count, mean, M2) are all-gathered and combined exactly
-    (Chan et al.'s parallel variance); the normalisation itself is one pass of the native
-    kernel (``batch_norm`` in inference form, with the global mean and variance).
-    Backward: the native kernel gives ``dy * gamma * invstd`` and the local sums
-    ``sum(dy)`` and ``sum(dy * xhat)`` (= the parameter gradients); one all_reduce of those
-    two (C,) sums gives the global ones, and
+    Forward: each rank's per-channel count, mean and biased variance (one pass of the native
+    statistics kernel) are all-gathered and combined exactly (Chan et al.'s parallel
+    variance); the normalisation is one pass of the native kernel with the global mean and
+    variance. Backward: the native training-mode kernel, given the global mean and invstd,
+    returns the local sums ``sum(dy)``, ``sum(dy * xhat)`` (= the parameter gradients) and
+    ``dx`` with those sums' local means subtracted; one all_reduce of the two (C,) sums gives
+    the global ones, and two in-place passes swap the local means for the global:
     ``dx = gamma * invstd * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`` (M = global
-    count) is finished in two in-place passes. One collective forward and one backward per
-    layer, as with torch's SyncBatchNorm, and a few full-tensor passes instead of autograd's
-    dozen. Shapes: x (N, C, *) on this rank; weight, bias (C,) or None; returns the output
+    count). One collective forward and one backward per layer, as with torch's SyncBatchNorm.
+    Shapes: x (N, C, *) on this rank; weight, bias (C,) or None; returns the output
     (N, C, *), the global mean and biased variance (C,) and the global count (scalar).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        channels = x.shape[1]
         x32 = x.float()
         count = x32.new_full((1,), x.numel() / channels)
-        local_var, local_mean = torch.var_mean(x32, dim=dims, correction=0)  # (C,), (C,)
+        local_mean, local_var = torch.batch_norm_update_stats(x32, None, None, 0.0)  # (C,), (C,) biased
         stats = torch.cat([count, local_mean, local_var * count])  # (1 + 2C,)
         gathered = stats.new_empty(dist.get_world_size() * stats.numel())
         dist.all_gather_into_tensor(gathered, stats)
@@ -278,7 +278,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         var = (m2s + counts * (means - mean).square()).sum(dim=0) / total  # (C,), biased
         out = torch.batch_norm(x32, weight, bias, mean, var, False, 0.0, eps, False)
         ctx.save_for_backward(x32, weight, mean, var)
-        ctx.eps, ctx.total, ctx.input_dtype = eps, total, x.dtype
+        ctx.eps, ctx.total, ctx.local_count, ctx.input_dtype = eps, total, count, x.dtype
         ctx.mark_non_differentiable(mean, var, total)
         return out.to(x.dtype), mean, var, total
 
@@ -286,17 +286,20 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
         x32, weight, mean, var = ctx.saved_tensors
         grad_out = grad_out.float().contiguous(memory_format=_memory_format(x32))
+        invstd = torch.rsqrt(var + ctx.eps)
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x32, weight, mean, var, None, None, False, ctx.eps, [True, True, True]
-        )  # grad_x = dy * gamma * invstd; grad_weight = sum(dy * xhat); grad_bias = sum(dy), local
+            grad_out, x32, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )  # grad_weight = sum(dy * xhat), grad_bias = sum(dy), both local; grad_x uses their local means
         sums = torch.cat([grad_bias, grad_weight])  # (2C,)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        sum_dy, sum_dy_xhat = sums.chunk(2)
-        invstd = torch.rsqrt(var + ctx.eps)
+        global_sum_dy, global_sum_dy_xhat = sums.chunk(2)
         gamma = weight.float() if weight is not None else torch.ones_like(var)
-        slope = gamma * invstd.square() * sum_dy_xhat / ctx.total  # per unit of (x - mean)
-        offset = gamma * invstd * sum_dy / ctx.total - slope * mean
-        grad_x.addcmul_(x32, _per_channel(-slope, x32.dim())).sub_(_per_channel(offset, x32.dim()))
+        # grad_x += gamma * invstd * (a + xhat * b): local means out, global means in
+        a = grad_bias / ctx.local_count - global_sum_dy / ctx.total
+        b = grad_weight / ctx.local_count - global_sum_dy_xhat / ctx.total
+        slope = gamma * invstd.square() * b  # per unit of x
+        offset = gamma * invstd * a - slope * mean
+        grad_x.addcmul_(x32, _per_channel(slope, x32.dim())).add_(_per_channel(offset, x32.dim()))
         return (
             grad_x.to(ctx.input_dtype),
             grad_weight if weight is not None else None,
