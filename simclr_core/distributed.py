@@ -8,8 +8,8 @@ when there is no such environment.
 
 Global BN: SimCLR computes BatchNorm statistics over the whole global batch of 2N views.
 torch's :class:`~torch.nn.SyncBatchNorm` does that on CUDA but refuses CPU tensors, so
-:class:`GlobalBatchNorm` is an autograd-correct implementation built on
-:func:`all_gather_with_grad` that runs on any backend (gloo included).
+:class:`GlobalBatchNorm` does it on any backend (gloo included) with torch's fused
+batch-norm kernels and one small collective per layer forward and one backward.
 :func:`convert_to_global_bn` picks the right one.
 """
 
@@ -213,7 +213,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     Accepts (N, C) or (N, C, *) inputs like BatchNorm1d/2d/3d. In training mode each rank
     computes its per-channel count, mean and centred sum of squares, all ranks exchange them
-    with :func:`all_gather_with_grad` (one collective forward, one backward) and combine them
+    (one collective forward, one backward: :class:`_GlobalBatchNormFunction`) and combine them
     exactly (Chan et al.'s parallel variance), so outputs, running statistics and gradients
     equal a plain BatchNorm applied to the concatenation of all ranks' batches. In eval mode
     (or with no process group) it is an ordinary BatchNorm.

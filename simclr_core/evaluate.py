@@ -294,7 +294,7 @@ def _finetune_pair(
         else:
             model = random_init_model(model_config, seed, device)
         torch.manual_seed(seed)
-        network = Classifier(model, head_layers, num_classes).to(device, memory_format=torch.channels_last)
+        network = Classifier(model, head_layers, num_classes).to(device)  # model is channels_last already
         train_classifier(network, images, labels, model_config["image_size"], epochs, batch_size, lr, weight_decay, min_steps, seed, device)
         results[init] = score_classifier(network, test_images, test_labels, model_config["image_size"], device)
     return results
