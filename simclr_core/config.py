@@ -92,6 +92,8 @@ class PretrainConfig:
     knn_temperature: float = 0.1
     knn_bank_size: int = 10000  # labelled training images in the kNN memory bank (0 = all)
     num_threads: int = 0  # torch CPU threads per process (0 = torch's default)
+    data_threads: int = 1  # torch CPU threads of the background thread that makes the views
+    precision: str = "auto"  # "auto" (bf16 where the device computes it natively), "bf16" or "fp32"
     keep_checkpoints: int = 3  # the last K checkpoints kept (the best by kNN accuracy is kept too)
     metrics_port: int = 0  # Prometheus endpoint on this port + local rank (0 = off)
     metrics_pushgateway: str = ""  # Pushgateway address (host:port) to push to at epoch ends ("" = off)
@@ -120,6 +122,8 @@ class PretrainConfig:
         _check(self.knn_temperature > 0, "pretrain.knn_temperature", "> 0", self.knn_temperature)
         _check(self.knn_bank_size >= 0, "pretrain.knn_bank_size", ">= 0 (0 = all)", self.knn_bank_size)
         _check(self.num_threads >= 0, "pretrain.num_threads", ">= 0 (0 = torch's default)", self.num_threads)
+        _check(self.data_threads >= 1, "pretrain.data_threads", ">= 1", self.data_threads)
+        _check(self.precision in ("auto", "bf16", "fp32"), "pretrain.precision", "'auto', 'bf16' or 'fp32'", self.precision)
         _check(0 <= self.metrics_port <= 65535, "pretrain.metrics_port", "a TCP port in [0, 65535] (0 = off)", self.metrics_port)
 
 

@@ -37,7 +37,7 @@ from simclr_core.loss import NTXentLoss
 from simclr_core.models import SimCLRModel, uses_cifar_stem
 from simclr_core.monitoring import TrainingMonitor
 from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
-from simclr_core.storage import Store, is_remote, open_store, staged_output
+from simclr_core.storage import Store, open_store, staged_output
 
 __all__ = ["pretrain", "check_world_size", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
 
@@ -76,6 +76,29 @@ def build_model(model_config: dict[str, Any]) -> SimCLRModel:
         return SimCLRModel.build(**model_config)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model settings {model_config}: {error}") from None
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether pretraining's forward pass runs under bf16 autocast on ``device``.
+
+    ``precision`` is "bf16", "fp32" or "auto": bf16 on CUDA, and on CPUs whose oneDNN kernels
+    compute bf16 natively (AVX512-BF16 or AMX), fp32 elsewhere (emulated bf16 is slower than
+    fp32). Weights, optimizer state and NT-Xent's logits stay float32 either way.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN runs bf16 convolutions natively (elsewhere it emulates them)."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch build without these queries (not x86)
+        return False
 
 
 def _augment_config(config: PretrainConfig, image_size: int) -> AugmentConfig:
@@ -133,19 +156,26 @@ def _local_indices(config: PretrainConfig, plan: _Plan, step: int, rank: int) ->
 
 
 class _Metrics:
-    """DVCLive on rank 0: one point per epoch (loss, lr, images/s, kNN accuracy)."""
+    """DVCLive on rank 0: one point per epoch (loss, lr, images/s, kNN accuracy).
 
-    def __init__(self, out_dir: Path, resume: bool, enabled: bool) -> None:
+    ``history`` holds the epochs already done (a resumed run's, from its checkpoint): they are
+    written again first, so ``live/`` is whole even where it was deleted since (``dvc repro``
+    removes a stage's outputs before it reruns the stage) or never reached this machine.
+    """
+
+    def __init__(self, out_dir: Path, history: list[dict[str, float]], enabled: bool) -> None:
         self.live = None
         if enabled:
             from dvclive import Live
 
             try:
-                self.live = Live(dir=str(out_dir / LIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
+                self.live = Live(dir=str(out_dir / LIVE_DIR), resume=False, save_dvc_exp=False, dvcyaml=None)
             except Exception as error:  # dvclive 3.x fails inside a git repository without commits
                 if "Empty git repo" in str(error):
                     raise ConfigError("the git repository around this DVC project has no commit yet; commit once, then rerun") from None
                 raise
+            for values in history:
+                self.log_epoch(values)
 
     def log_epoch(self, values: dict[str, float]) -> None:
         if self.live is None:
@@ -201,6 +231,8 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
     scheduler = warmup_cosine_scheduler(optimizer, plan.total_steps, plan.warmup_steps)
 
     step = 0
+    history: list[dict[str, float]] = []  # each finished epoch's metrics, saved with every checkpoint
+    unfinished = {"loss_sum": 0.0, "steps": 0}  # the current epoch's loss so far (mean over ranks), ditto
     checkpoints = CheckpointManager(store, keep_last=config.keep_checkpoints)
     state = _resumable_state(checkpoints, config, model_config, env)
     if state is not None:
@@ -208,33 +240,35 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        history = list(state.get("epoch_metrics", []))
+        unfinished = dict(state.get("unfinished_epoch", unfinished))
         if env.is_main:
             log.info("resuming from %s at step %d of %d", store.uri(f"checkpoints/step-{step:08d}.pt"), step, plan.total_steps)
-        if is_remote(store.root):  # bring back the metrics of the epochs already done
-            for key in store.list(LIVE_DIR):
-                store.get_file(key, out_dir / key)
     train_model: nn.Module = model
     if env.is_distributed:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if use_cuda else None)
 
     augment = BatchedAugment(_augment_config(config, image_size))
     loss_fn = NTXentLoss(config.temperature, gather=True)
+    bf16 = uses_bf16(config.precision, env.device)
     knn_data = _knn_data(dataset, config) if env.is_main else None
-    metrics = _Metrics(out_dir, resume=step > 0, enabled=env.is_main)
+    metrics = _Metrics(out_dir, history, enabled=env.is_main)
     if env.is_main:
         log.info(
-            "pretraining %s on %d images: %d epochs x %d steps, global batch %d on %d process(es), lr %.4g, device %s",
+            "pretraining %s on %d images: %d epochs x %d steps, global batch %d on %d process(es), lr %.4g, device %s, %s",
             model_config["arch"], plan.num_images, config.epochs, plan.steps_per_epoch, config.batch_size,
-            env.world_size, plan.lr, env.device,
+            env.world_size, plan.lr, env.device, "bf16 autocast" if bf16 else "fp32",
         )
 
-    def save(step_done: int, knn_accuracy: float | None) -> None:
+    def save(step_done: int, knn_accuracy: float | None, loss_sum: float, steps: int) -> None:
         if env.is_main:
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step_done,
+                "epoch_metrics": list(history),
+                "unfinished_epoch": {"loss_sum": loss_sum, "steps": steps},
                 "model_config": model_config,
                 "pretrain_config": dataclasses.asdict(config),
             }
@@ -252,18 +286,18 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
         views = augment.apply(torch.cat([images, images]), params.rows(own_rows).to(env.device))
         return views.contiguous(memory_format=torch.channels_last)
 
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = dict(history[-1]) if history else {}
     progress = _progress(plan.total_steps, step, config.batch_size, env.is_main)
-    epoch_loss = torch.zeros((), device=env.device)
-    epoch_steps, epoch_start, epoch_wait = 0, time.perf_counter(), 0.0
+    epoch_loss = torch.full((), unfinished["loss_sum"], device=env.device)  # this rank's sum of step losses
+    epoch_steps, epoch_start, epoch_wait = int(unfinished["steps"]), time.perf_counter(), 0.0
     train_model.train()
     monitor = TrainingMonitor(env.rank, env.local_rank, config.metrics_port, config.metrics_pushgateway)
-    batches = _Prefetcher(make_views, step, plan.total_steps)
+    batches = _Prefetcher(make_views, step, plan.total_steps, config.data_threads)
     try:
         while step < plan.total_steps:
             step_start = time.perf_counter()
             views, data_wait = batches.get(step)  # data_wait: seconds until this step's views were on the device
-            with torch.autocast(device_type=env.device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            with torch.autocast(device_type=env.device.type, dtype=torch.bfloat16, enabled=bf16):
                 _, z = train_model(views)
             loss = loss_fn(z[: plan.local_batch], z[plan.local_batch :])
             optimizer.zero_grad(set_to_none=True)
@@ -296,15 +330,18 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                     plan, config, env, model, knn_data, image_size, optimizer,
                 )
                 results["data_wait_fraction"] = epoch_wait / max(epoch_seconds, 1e-9)  # this rank's
+                history.append(dict(results))
                 metrics.log_epoch(results)
                 monitor.on_epoch(results)
                 progress.write(_describe(results, config.epochs))
-            if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                with monitor.saving_checkpoint(record=env.is_main):  # rank 0 writes checkpoints
-                    save(step, results.get("knn_accuracy") if end_of_epoch else None)
-            if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
                 epoch_loss.zero_()
-                epoch_steps, epoch_start, epoch_wait = 0, time.perf_counter(), 0.0
+                epoch_steps = 0
+            if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                loss_sum = _mean_over_ranks(epoch_loss, env) if epoch_steps else 0.0  # same branch on every rank
+                with monitor.saving_checkpoint(record=env.is_main):  # rank 0 writes checkpoints
+                    save(step, results.get("knn_accuracy") if end_of_epoch else None, loss_sum, epoch_steps)
+            if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
+                epoch_start, epoch_wait = time.perf_counter(), 0.0
     finally:
         batches.close()
         progress.close()
@@ -319,9 +356,10 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
     return results
 
 
-# Settings that do not change what is computed: a checkpoint written under other values resumes.
+# Settings that do not change what is computed (precision changes only its rounding): a
+# checkpoint written under other values resumes.
 _RESUME_INDEPENDENT = {
-    "checkpoint_every", "num_threads", "knn_k", "knn_temperature", "knn_bank_size",
+    "checkpoint_every", "num_threads", "data_threads", "precision", "knn_k", "knn_temperature", "knn_bank_size",
     "keep_checkpoints", "metrics_port", "metrics_pushgateway",
 }
 
@@ -371,6 +409,15 @@ def _knn_data(dataset: PreparedDataset, config: PretrainConfig):
     )
 
 
+def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
+    """The mean of a scalar tensor over every rank (a collective: every rank must call it)."""
+    if env.is_distributed:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= env.world_size
+    return value.item()
+
+
 def _end_epoch(epoch, epoch_loss, epoch_steps, seconds, plan, config, env, model, knn_data, image_size, optimizer) -> dict[str, float]:
     if env.is_distributed:
         torch.distributed.all_reduce(epoch_loss)
@@ -399,13 +446,24 @@ class _Prefetcher:
     ``make(step)`` must be a pure function of the step (the trainer's views are), so the
     order of work does not change what is computed. :meth:`get` returns the views and the
     seconds the loop waited for them (the data wait; near zero when the data path keeps up).
+
+    The background thread runs torch ops on one thread (``data_threads``): left at torch's
+    default it starts an OpenMP team of its own, and two teams on the same cores stall each
+    other's barriers (on 2 cores the step lost 11% to a data path that costs 5% of it;
+    benchmarks/bench_step.py). The training thread keeps its own count.
     """
 
-    def __init__(self, make, first_step: int, total_steps: int) -> None:
+    def __init__(self, make, first_step: int, total_steps: int, data_threads: int = 1) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._make, self._total = make, total_steps
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simclr-data")
+        self._train_threads = torch.get_num_threads()
+        # OpenMP keeps a thread count per thread, but torch also keeps one process-wide default:
+        # pin the training thread's own count before the data thread changes the default.
+        torch.set_num_threads(self._train_threads)
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="simclr-data", initializer=torch.set_num_threads, initargs=(data_threads,)
+        )
         self._pending = self._submit(first_step)
 
     def _submit(self, step: int):
@@ -420,6 +478,7 @@ class _Prefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._train_threads)  # the process-wide default back as it was
 
 
 def _describe(results: dict[str, float], epochs: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from simclr_core.storage import LocalStore
 from simclr_core.config import PretrainConfig
 from simclr_core.distributed import DistEnv
 from simclr_core.optim import LARS
+import simclr_core.train as train_module
 from simclr_core.train import pretrain
 from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
 from tests.multiproc import free_port
@@ -23,7 +25,7 @@ from tests.multiproc import free_port
 def _tiny_config(**overrides) -> PretrainConfig:
     settings = dict(
         width_multiplier=0.125, cifar_stem="false", batch_size=16, epochs=2, warmup_epochs=0.5,
-        knn_k=5, knn_bank_size=0, checkpoint_every=1, num_threads=1,
+        knn_k=5, knn_bank_size=0, checkpoint_every=1, num_threads=1, precision="fp32",
     )
     settings.update(overrides)
     return PretrainConfig(**settings)
@@ -60,13 +62,38 @@ def test_interrupted_run_resumes_at_its_step_and_matches_an_uninterrupted_one(ti
     assert not (tmp_path / "resumed" / "model.pt").exists()
 
     monkeypatch.setattr(LARS, "step", original_step)
+    shutil.rmtree(tmp_path / "resumed" / "live", ignore_errors=True)  # as `dvc repro` does before it reruns the stage
     pretrain(config, tiny_prepared, tmp_path / "resumed", DistEnv())
     resumed = _weights(tmp_path / "resumed" / "model.pt")
     assert load_checkpoint(tmp_path / "resumed" / "model.pt")["step"] == 6
     for name, tensor in whole.items():
         assert torch.equal(tensor, resumed[name]), name
-    epochs = (tmp_path / "resumed" / "live" / "plots" / "metrics" / "loss.tsv").read_text().strip().splitlines()
-    assert len(epochs) == 3  # header + both epochs, none twice
+    assert _loss_rows(tmp_path / "resumed") == _loss_rows(tmp_path / "whole")  # both epochs, none twice
+
+
+def _loss_rows(run_dir) -> list[tuple[str, str]]:
+    """(step, loss) of each epoch in DVCLive's loss plot."""
+    rows = (run_dir / "live" / "plots" / "metrics" / "loss.tsv").read_text().strip().splitlines()
+    header = rows[0].split("\t")
+    return [(r.split("\t")[header.index("step")], r.split("\t")[header.index("loss")]) for r in rows[1:]]
+
+
+def test_rerun_of_a_finished_run_rebuilds_deleted_metrics_from_its_checkpoint(tiny_prepared, tmp_path):
+    run = tmp_path / "run"
+    first = pretrain(_tiny_config(), tiny_prepared, run, DistEnv())
+    metrics = (run / "live" / "metrics.json").read_text()
+    rows = _loss_rows(run)
+    assert len(rows) == 2
+    shutil.rmtree(run / "live")
+    (run / "model.pt").unlink()  # dvc repro --force deletes the outputs; the persisted checkpoints stay
+    again = pretrain(_tiny_config(), tiny_prepared, run, DistEnv())
+    assert _loss_rows(run) == rows
+    assert json.loads((run / "live" / "metrics.json").read_text()) == json.loads(metrics)
+    assert again["loss"] == first["loss"] and again["epoch"] == 2
+    latest = CheckpointManager(LocalStore(run)).load_latest()[0]
+    assert latest["step"] == 6 and len(latest["epoch_metrics"]) == 2
+    rewritten = _weights(run / "model.pt")
+    assert all(torch.equal(rewritten[name], tensor) for name, tensor in latest["model"].items())
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny_prepared, tmp_path, caplog):
@@ -103,6 +130,28 @@ def test_torchrun_two_processes_give_the_single_process_first_step_loss(tiny_pre
     two = _weights(tmp_path / "two" / "model.pt")
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_is_used_when_asked_and_stays_close_to_fp32(tiny_prepared, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="simclr.pretrain"):
+        pretrain(_tiny_config(epochs=1, precision="bf16"), tiny_prepared, tmp_path / "bf16", DistEnv())
+    assert "bf16 autocast" in caplog.text
+    pretrain(_tiny_config(epochs=1, precision="fp32"), tiny_prepared, tmp_path / "fp32", DistEnv())
+    bf16_loss, fp32_loss = _first_epoch_loss(tmp_path / "bf16"), _first_epoch_loss(tmp_path / "fp32")
+    assert bf16_loss != fp32_loss  # the encoder really ran in bf16 ...
+    assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2)  # ... with bf16's 8-bit mantissa: close
+    state = load_checkpoint(tmp_path / "bf16" / "model.pt")["model"]
+    assert all(t.dtype in (torch.float32, torch.int64) for t in state.values())  # weights stay float32
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "native", "expected"),
+    [("bf16", "cpu", False, True), ("fp32", "cuda", True, False), ("auto", "cuda", False, True),
+     ("auto", "cpu", True, True), ("auto", "cpu", False, False)],
+)
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch, precision, device, native, expected):
+    monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: native)
+    assert train_module.uses_bf16(precision, torch.device(device)) is expected
 
 
 def test_batch_smaller_than_world_size_exits_2_before_rendezvous(tiny_prepared, tmp_path):
