@@ -340,13 +340,24 @@ class BatchedAugment:
     # -- application ----------------------------------------------------------------
 
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Apply ``params`` to (B, C, H, W) uint8 or float images -> float32 (B, 3, size, size)."""
-        x = self._crop_flip_resize(_to_float_rgb(images), params.crop, params.flip)
-        x = self._jitter(x, params)
-        x = _where_rows(params.grayscale, _grayscale(x).expand_as(x), x)
+        """Apply ``params`` to (B, C, H, W) uint8 or float images -> float32 (B, 3, size, size).
+
+        Single-channel images stay single-channel until the end (a third of the work): on an
+        image whose three channels are equal, saturation and grayscale scale it by the luma
+        weights' sum and hue leaves it as it is, so their one-channel forms give what the
+        three-channel ones would (to float32 rounding; tested).
+        """
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)}")
+        gray = images.shape[1] == 1
+        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        x = self._crop_flip_resize(x, params.crop, params.flip)
+        x = self._jitter(x, params, _GRAY_JITTER_FUNCTIONS if gray else _JITTER_FUNCTIONS)
+        x = _where_rows(params.grayscale, _LUMA_SUM * x if gray else _grayscale(x).expand_as(x), x)
         if self.config.blur_enabled:
             x = self._blur(x, params.blur, params.blur_sigma)
-        return x.clamp_(0.0, 1.0)
+        x = x.clamp_(0.0, 1.0)
+        return x.expand(-1, 3, -1, -1).contiguous() if gray else x
 
     def _crop_flip_resize(self, x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """Bicubic resample of each crop box (flipped where asked) to size x size."""
@@ -363,11 +374,14 @@ class BatchedAugment:
         theta[:, 0, 2] = center_x
         theta[:, 1, 1] = scale_y
         theta[:, 1, 2] = center_y
-        grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
+        grid = F.affine_grid(theta, [batch, x.shape[1], size, size], align_corners=False)
         return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
 
-    def _jitter(self, x: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Brightness, contrast, saturation, hue in each image's own order, on jittered images only."""
+    def _jitter(self, x: torch.Tensor, params: ViewParams, functions) -> torch.Tensor:
+        """Brightness, contrast, saturation, hue in each image's own order, on jittered images only.
+
+        ``functions``: the four ops in JITTER_OPS order; None for one that leaves images as they are.
+        """
         selected = params.jitter.nonzero().squeeze(1)
         if selected.numel() == 0:
             return x
@@ -376,7 +390,9 @@ class BatchedAugment:
         factors = params.jitter_factors[selected]
         order = params.jitter_order[selected]
         for position in range(4):
-            for op_index, op in enumerate(_JITTER_FUNCTIONS):
+            for op_index, op in enumerate(functions):
+                if op is None:
+                    continue
                 rows = (order[:, position] == op_index).nonzero().squeeze(1)
                 if rows.numel():
                     views[rows] = op(views[rows], factors[rows, op_index])
@@ -446,6 +462,26 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 _JITTER_FUNCTIONS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+# One-channel forms for images whose three channels are equal (gray), where luma = _LUMA_SUM * x.
+_LUMA_SUM = sum(_LUMA)  # 0.9999, as torchvision's weights
+
+
+def _adjust_contrast_gray(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_contrast` of a gray image, on its one channel (B, 1, H, W)."""
+    mean = _LUMA_SUM * x.mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(factor)
+    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
+
+
+def _adjust_saturation_gray(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_saturation` of a gray image, on its one channel (B, 1, H, W)."""
+    f = _per_image(factor)
+    return (x * (f + (1 - f) * _LUMA_SUM)).clamp_(0.0, 1.0)
+
+
+# hue: a gray pixel has no chroma, so a hue rotation leaves it as it is
+_GRAY_JITTER_FUNCTIONS = (adjust_brightness, _adjust_contrast_gray, _adjust_saturation_gray, None)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -332,7 +332,6 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                 results["data_wait_fraction"] = epoch_wait / max(epoch_seconds, 1e-9)  # this rank's
                 history.append(dict(results))
                 metrics.log_epoch(results)
-                monitor.on_epoch(results)
                 progress.write(_describe(results, config.epochs))
                 epoch_loss.zero_()
                 epoch_steps = 0
@@ -341,6 +340,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                 with monitor.saving_checkpoint(record=env.is_main):  # rank 0 writes checkpoints
                     save(step, results.get("knn_accuracy") if end_of_epoch else None, loss_sum, epoch_steps)
             if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
+                monitor.on_epoch(results)  # after the save: what the Pushgateway shows is in a checkpoint
                 epoch_start, epoch_wait = time.perf_counter(), 0.0
     finally:
         batches.close()

@@ -279,6 +279,19 @@ def test_crop_and_resize_match_torchvision_resized_crop(flip):
     torch.testing.assert_close(out[inner], expected.clamp(0, 1)[inner], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("blur", [False, True])
+def test_single_channel_images_give_the_views_of_their_three_channel_copies(blur):
+    # the one-channel path (saturation and grayscale as scalings, hue skipped) against the
+    # three-channel ops on the same gray image, every op drawn, at strength 1 so each op matters
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = BatchedAugment(AugmentConfig(size=24, strength=1.0, jitter_p=1.0, grayscale_p=0.5, blur=blur))
+    params = augment.sample_params(64, 28, 28, torch.Generator().manual_seed(1))
+    gray = augment.apply(images, params)
+    rgb = augment.apply(images.expand(-1, 3, -1, -1), params)
+    assert gray.shape == rgb.shape == (64, 3, 24, 24)
+    torch.testing.assert_close(gray, rgb, atol=1e-5, rtol=0)
+
+
 def test_full_image_crop_at_same_size_is_exact():
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     out = BatchedAugment(AugmentConfig(size=12, blur=False)).apply(images, _identity_params(2, 12, 12))

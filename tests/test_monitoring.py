@@ -364,3 +364,17 @@ def test_pushgateway_receives_the_metrics_of_a_short_pretraining(tiny_prepared, 
     assert _value(samples, "simclr_train_step", **pushed) == steps  # the final push, at the end of the run
     assert _value(samples, "simclr_train_step_duration_seconds_count", **pushed) == steps
     assert 0 <= _value(samples, "simclr_train_knn_accuracy_ratio", **pushed) <= 1
+
+
+def test_epoch_end_is_pushed_after_its_checkpoint_is_saved(tiny_prepared, tmp_path, monkeypatch):
+    from simclr_core.checkpoint import CheckpointManager
+    from simclr_core.storage import LocalStore
+
+    newest_at_push = []
+
+    def record(self, results):
+        newest_at_push.append((results["epoch"], CheckpointManager(LocalStore(tmp_path / "run")).list()[0]["step"]))
+
+    monkeypatch.setattr(TrainingMonitor, "on_epoch", record)
+    train.pretrain(_tiny_config(checkpoint_every=0), tiny_prepared, tmp_path / "run", DistEnv())
+    assert newest_at_push == [(1, 3), (2, 6)]  # 3 steps an epoch: each epoch's checkpoint is already there
