@@ -283,7 +283,7 @@ def build_config(cls, section: str, values: dict[str, Any]):
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--field-name`` option per field of ``cls``; unset options keep params.yaml's value."""
-    group = parser.add_argument_group(f"settings (override params.yaml; defaults in brackets)")
+    group = parser.add_argument_group("settings (override params.yaml; defaults in brackets)")
     defaults = cls()
     for name in _field_types(cls):
         default = getattr(defaults, name)

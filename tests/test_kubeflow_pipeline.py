@@ -11,7 +11,6 @@ from kfp import compiler, components, dsl
 
 from components.common import DEFAULT_IMAGE, cli_options, confusion_matrix, flatten
 from pipelines.compile import PIPELINE_FILE, compile_pipeline, stale_files
-from pipelines.simclr_pipeline import COMPONENTS
 from pipelines.submit import UsageError, parse_arguments, pipeline_parameters
 
 REPO = Path(__file__).resolve().parents[1]
