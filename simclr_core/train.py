@@ -232,7 +232,11 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
 
     step = 0
     history: list[dict[str, float]] = []  # each finished epoch's metrics, saved with every checkpoint
-    unfinished = {"loss_sum": 0.0, "steps": 0}  # the current epoch's loss so far (mean over ranks), ditto
+    # the current epoch's sum of step losses so far, saved with every checkpoint too: rank 0's own
+    # (a collective at save time would keep rank 0 from saving once another rank is gone), so a
+    # run of several processes resumed mid-epoch logs that epoch's loss with rank 0's share for
+    # the steps before the resume; the weights are exact either way
+    unfinished = {"loss_sum": 0.0, "steps": 0}
     checkpoints = CheckpointManager(store, keep_last=config.keep_checkpoints)
     state = _resumable_state(checkpoints, config, model_config, env)
     if state is not None:
@@ -260,7 +264,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
             env.world_size, plan.lr, env.device, "bf16 autocast" if bf16 else "fp32",
         )
 
-    def save(step_done: int, knn_accuracy: float | None, loss_sum: float, steps: int) -> None:
+    def save(step_done: int, knn_accuracy: float | None, loss_sum: torch.Tensor, steps: int) -> None:
         if env.is_main:
             state = {
                 "model": model.state_dict(),
@@ -268,7 +272,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                 "scheduler": scheduler.state_dict(),
                 "step": step_done,
                 "epoch_metrics": list(history),
-                "unfinished_epoch": {"loss_sum": loss_sum, "steps": steps},
+                "unfinished_epoch": {"loss_sum": loss_sum.item(), "steps": steps},
                 "model_config": model_config,
                 "pretrain_config": dataclasses.asdict(config),
             }
@@ -336,9 +340,8 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
                 epoch_loss.zero_()
                 epoch_steps = 0
             if end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                loss_sum = _mean_over_ranks(epoch_loss, env) if epoch_steps else 0.0  # same branch on every rank
                 with monitor.saving_checkpoint(record=env.is_main):  # rank 0 writes checkpoints
-                    save(step, results.get("knn_accuracy") if end_of_epoch else None, loss_sum, epoch_steps)
+                    save(step, results.get("knn_accuracy") if end_of_epoch else None, epoch_loss, epoch_steps)
             if end_of_epoch:  # an epoch's images/s counts its steps, not the kNN pass or the save after it
                 monitor.on_epoch(results)  # after the save: what the Pushgateway shows is in a checkpoint
                 epoch_start, epoch_wait = time.perf_counter(), 0.0
@@ -407,15 +410,6 @@ def _knn_data(dataset: PreparedDataset, config: PretrainConfig):
         dataset.images("train")[labelled], torch.from_numpy(train_labels[labelled]),
         dataset.images("val")[queries], torch.from_numpy(val_labels[queries]), dataset.num_classes,
     )
-
-
-def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
-    """The mean of a scalar tensor over every rank (a collective: every rank must call it)."""
-    if env.is_distributed:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= env.world_size
-    return value.item()
 
 
 def _end_epoch(epoch, epoch_loss, epoch_steps, seconds, plan, config, env, model, knn_data, image_size, optimizer) -> dict[str, float]:
