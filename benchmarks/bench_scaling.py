@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from bench_step import make_dataset  # benchmarks/ is the script's directory
-from common import write_results
+from common import spread, write_results
 
 SECTION = "bench_scaling"
 
@@ -63,12 +63,11 @@ def run(
     rows = []
     for count in procs:
         efficiency = medians[count] / (count * reference)
-        spread = f"{min(samples[count]):,.1f} to {max(samples[count]):,.1f}"
         rows.append((
             f"{count} process(es) x local batch {local_batch}, ResNet-18 32 px ({'CIFAR' if cifar_stem else 'ImageNet'} stem), {device}, precision {precision}",
             f"{medians[count]:,.1f} images/s",
             f"weak-scaling efficiency {efficiency:.3f}" + (" (target >= 0.9)" if count > 1 and device == "cpu" else "")
-            + f"; median of {repeats} (range {spread})",
+            + f"; median of {repeats} ({spread(samples[count])})",
         ))
         print(rows[-1], flush=True)
     return rows

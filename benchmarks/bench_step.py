@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import best_seconds, mean_seconds, peak_rss_kib, reset_peak_rss_kib, write_results  # benchmarks/ is the script's directory
+from common import best_seconds, mean_seconds, peak_rss_kib, reset_peak_rss_kib, spread, write_results  # benchmarks/ is the script's directory
 from simclr_core.augment import BatchedAugment
 from simclr_core.config import PrepareConfig, PretrainConfig
 from simclr_core.data import PreparedDataset, prepare
@@ -127,11 +127,11 @@ def run(batch_size: int, steps: int, stems: list[str], repeats: int, rounds: int
             of_rounds = f"median of {rounds} rounds"
             rows += [
                 (f"end to end (pretrain), {label}", f"{e2e:,.1f} images/s",
-                 f"2 epochs x {steps} steps, the second timed; {of_rounds} ({_spread(e2e_rates)})"),
+                 f"2 epochs x {steps} steps, the second timed; {of_rounds} ({spread(e2e_rates)})"),
                 (f"bare forward+backward, {label}", f"{bare:,.1f} images/s",
-                 f"2B ready tensors, same model and threads; {of_rounds} ({_spread(bare_rates)})"),
+                 f"2B ready tensors, same model and threads; {of_rounds} ({spread(bare_rates)})"),
                 (f"**step efficiency**, {label}", f"**{ratio:.3f}**",
-                 f"target >= 0.95; median of the rounds' ratios ({_spread(ratios, '.3f')})"),
+                 f"target >= 0.95; median of the rounds' ratios ({spread(ratios, '.3f')})"),
                 (f"data path alone (read + 2 views), {label}", f"{path:,.0f} images/s",
                  f"{path / e2e:,.0f}x what the trainer consumes; {bare / path:.1%} of the bare step if not overlapped"),
                 (f"trainer's data wait, {label}", f"{100 * wait:.2f}% of step time", "made in a background thread; target < 2%"),
@@ -141,10 +141,6 @@ def run(batch_size: int, steps: int, stems: list[str], repeats: int, rounds: int
             for row in rows[-6:]:
                 print(row, f"({time.perf_counter() - start:.0f} s)", flush=True)
     return rows
-
-
-def _spread(values: list[float], fmt: str = ",.1f") -> str:
-    return f"range {min(values):{fmt}} to {max(values):{fmt}}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,11 @@ def mean_seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def spread(values: list[float], fmt: str = ",.1f") -> str:
+    """"range LOW to HIGH" of repeated measurements."""
+    return f"range {min(values):{fmt}} to {max(values):{fmt}}"
+
+
 def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (

@@ -137,17 +137,17 @@ class AugmentConfig:
 # --------------------------------------------------------------------------- per sample
 
 
+def _to_float(image: torch.Tensor) -> torch.Tensor:
+    """(…, 1|3, H, W) uint8 or float -> float32 in [0, 1], channels kept."""
+    if image.shape[-3] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(image.shape)}")
+    return image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+
+
 def _to_float_rgb(image: torch.Tensor) -> torch.Tensor:
     """(…, 1|3, H, W) uint8 or float -> float32 in [0, 1] with three channels."""
-    if image.dtype == torch.uint8:
-        image = image.float().div_(255)
-    else:
-        image = image.float()
-    if image.shape[-3] == 1:
-        image = image.expand(*image.shape[:-3], 3, *image.shape[-2:])
-    elif image.shape[-3] != 3:
-        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(image.shape)}")
-    return image
+    image = _to_float(image)
+    return image.expand(*image.shape[:-3], 3, *image.shape[-2:]) if image.shape[-3] == 1 else image
 
 
 def _clip(image: torch.Tensor) -> torch.Tensor:
@@ -347,17 +347,16 @@ class BatchedAugment:
         weights' sum and hue leaves it as it is, so their one-channel forms give what the
         three-channel ones would (to float32 rounding; tested).
         """
-        if images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)}")
-        gray = images.shape[1] == 1
-        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        x = _to_float(images)
+        gray = x.shape[1] == 1
         x = self._crop_flip_resize(x, params.crop, params.flip)
         x = self._jitter(x, params, _GRAY_JITTER_FUNCTIONS if gray else _JITTER_FUNCTIONS)
         x = _where_rows(params.grayscale, _LUMA_SUM * x if gray else _grayscale(x).expand_as(x), x)
         if self.config.blur_enabled:
             x = self._blur(x, params.blur, params.blur_sigma)
         x = x.clamp_(0.0, 1.0)
-        return x.expand(-1, 3, -1, -1).contiguous() if gray else x
+        # gray: the one copy to three channels, in the layout the models are kept in (train.py)
+        return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last) if gray else x
 
     def _crop_flip_resize(self, x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """Bicubic resample of each crop box (flipped where asked) to size x size."""
