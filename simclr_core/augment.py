@@ -23,8 +23,9 @@ Two implementations of the same :class:`AugmentConfig`:
   PIL images or (C, H, W) uint8/float tensors.
 - :class:`BatchedAugment`: one call on a (B, C, H, W) batch on the training device (CPU or
   GPU), with independent parameters per image drawn from a seeded generator. The crop is a
-  bicubic ``grid_sample`` of the original image (no anti-aliasing: downscaling by more than
-  ~2x aliases, so feed it images stored near the training size).
+  bicubic resample of the original image, computed as ``grid_sample`` would but as two small
+  matrix products per image (no anti-aliasing: downscaling by more than ~2x aliases, so feed
+  it images stored near the training size).
 
 Both return float32 (…, 3, size, size) in [0, 1]; single-channel inputs are repeated to three.
 """
@@ -359,22 +360,20 @@ class BatchedAugment:
         return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last) if gray else x
 
     def _crop_flip_resize(self, x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Bicubic resample of each crop box (flipped where asked) to size x size."""
-        batch, _, height, width = x.shape
+        """Bicubic resample of each crop box (flipped where asked) to size x size.
+
+        The crop, flip and resize are separable, so the resample is two small matrix products
+        per image, ``rows @ x @ cols^T`` with (size, H) and (size, W) bicubic weight matrices:
+        what ``F.grid_sample(mode="bicubic", padding_mode="border", align_corners=False)`` computes
+        on the same boxes (tested against it), at a fraction of its cost on a CPU (benchmarks/).
+        x: (B, C, H, W) float32 -> (B, C, size, size) float32.
+        """
+        _, _, height, width = x.shape
         size = self.config.size
-        top, left, crop_h, crop_w = (crop[:, k].to(torch.float32) for k in range(4))
-        scale_x = crop_w / width
-        scale_y = crop_h / height
-        center_x = (2 * left + crop_w) / width - 1
-        center_y = (2 * top + crop_h) / height - 1
-        scale_x = torch.where(flip, -scale_x, scale_x)
-        theta = torch.zeros(batch, 2, 3, device=x.device, dtype=torch.float32)
-        theta[:, 0, 0] = scale_x
-        theta[:, 0, 2] = center_x
-        theta[:, 1, 1] = scale_y
-        theta[:, 1, 2] = center_y
-        grid = F.affine_grid(theta, [batch, x.shape[1], size, size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+        top, left, crop_h, crop_w = (crop[:, k].to(device=x.device, dtype=torch.float32) for k in range(4))
+        rows = _bicubic_resample_matrix(top, crop_h, torch.zeros_like(flip, device=x.device), height, size)
+        cols = _bicubic_resample_matrix(left, crop_w, flip.to(x.device), width, size)
+        return rows.unsqueeze(1) @ x @ cols.transpose(1, 2).unsqueeze(1)
 
     def _jitter(self, x: torch.Tensor, params: ViewParams, functions) -> torch.Tensor:
         """Brightness, contrast, saturation, hue in each image's own order, on jittered images only.
@@ -405,6 +404,39 @@ class BatchedAugment:
         out = x.clone()
         out[selected] = gaussian_blur(x[selected], sigma[selected], self.config.blur_kernel)
         return out
+
+
+# grid_sample's bicubic convolution coefficient (Keys' kernel with A = -0.75, as PIL and OpenCV).
+_CUBIC_A = -0.75
+
+
+def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """(...,) fractional positions in [0, 1) -> (..., 4) weights of the taps at -1, 0, 1, 2."""
+    a = _CUBIC_A
+    near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # noqa: E731  |d| <= 1
+    far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # noqa: E731  1 < |d| < 2
+    return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+
+
+def _bicubic_resample_matrix(start: torch.Tensor, length: torch.Tensor, flip: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """(B, out_size, in_size) weights that resample each image's [start, start + length) span.
+
+    Output pixel j samples the input at the span's point (j + 0.5) / out_size (mirrored where
+    ``flip``), in grid_sample's pixel-centre convention (align_corners=False); the four taps
+    around it get Keys' cubic weights, and taps beyond the image read its edge pixel (border
+    padding). start, length: (B,) float32 input pixels; flip: (B,) bool.
+    """
+    # grid_sample's normalised coordinates: the affine grid's base point, scaled and shifted by the box
+    base = (2 * torch.arange(out_size, device=start.device, dtype=torch.float32) + 1) / out_size - 1  # (out_size,)
+    scale = torch.where(flip, -length, length) / in_size
+    centre = (2 * start + length) / in_size - 1
+    normalised = scale[:, None] * base + centre[:, None]  # (B, out_size)
+    position = ((normalised + 1) * in_size - 1) / 2  # input pixel coordinate
+    whole = torch.floor(position)
+    taps = (whole.long()[..., None] + torch.arange(-1, 3, device=start.device)).clamp_(0, in_size - 1)
+    weights = _cubic_weights(position - whole)
+    matrix = torch.zeros(*position.shape, in_size, device=start.device, dtype=torch.float32)
+    return matrix.scatter_add_(2, taps, weights)
 
 
 def _where_rows(mask: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:

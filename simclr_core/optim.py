@@ -78,36 +78,69 @@ class LARS(torch.optim.Optimizer):
         return loss
 
     def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        lr, momentum, eta = group["lr"], group["momentum"], group["eta"]
-        exclude = group["lars_exclude"]
-        weight_decay = 0.0 if exclude else group["weight_decay"]
+        """One step of the group's parameters, in place: no tensor is allocated per step.
+
+        The step is memory-bound (a few flops per element), so it runs as few passes over the
+        parameters as the rule allows, and the decayed gradient g + wd * w goes into a buffer
+        kept between steps (on a CPU, fresh step-sized temporaries cost more than the math).
+        """
+        lr, momentum = group["lr"], group["momentum"]
         grads = [p.grad for p in params]
-        if weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-        if exclude:
-            scaled = torch._foreach_mul(grads, lr)
+        buffers = [self._momentum_buffer(p) for p in params]
+        if group["lars_exclude"]:
+            direction, factors = grads, None  # v <- m v + lr g
         else:
-            weight_norms = torch._foreach_norm(params)
-            grad_norms = torch._foreach_norm(grads)
-            factors = []
-            for w_norm, g_norm in zip(weight_norms, grad_norms):
-                usable = (w_norm > 0) & (g_norm > 0)
-                trust = torch.where(usable, eta * w_norm / g_norm.clamp(min=torch.finfo(g_norm.dtype).tiny), 1.0)
-                factors.append(trust * lr)
-            scaled = torch._foreach_mul(grads, factors)
-        buffers = []
-        for p, update in zip(params, scaled):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
+            direction = self._decayed_grads(params, grads, group["weight_decay"])
+            factors = self._trust_ratios(params, direction, group["eta"], lr)  # v <- m v + lr trust g
         torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, scaled)
-        if group["nesterov"]:
-            steps = torch._foreach_add(scaled, buffers, alpha=momentum)
-            torch._foreach_sub_(params, steps)
-        else:
+        _add_scaled(buffers, direction, lr, factors, sign=1.0)
+        if group["nesterov"]:  # w <- w - (m v + lr trust g)
+            torch._foreach_add_(params, buffers, alpha=-momentum)
+            _add_scaled(params, direction, lr, factors, sign=-1.0)
+        else:  # w <- w - v
             torch._foreach_sub_(params, buffers)
+
+    def _momentum_buffer(self, param: torch.Tensor) -> torch.Tensor:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+        return state["momentum_buffer"]
+
+    def _decayed_grads(self, params: list[torch.Tensor], grads: list[torch.Tensor], weight_decay: float) -> list[torch.Tensor]:
+        """g + weight_decay * w for every parameter, written into a buffer reused every step
+        (scratch, not state: it is not in ``state_dict()``, so checkpoints do not grow)."""
+        if weight_decay == 0:
+            return grads
+        scratch = self.__dict__.setdefault("_decayed_grad_scratch", {})
+        for param in params:
+            if param not in scratch:
+                scratch[param] = torch.empty_like(param)
+        decayed = [scratch[param] for param in params]
+        for grad, param, out in zip(grads, params, decayed):
+            torch.add(grad, param, alpha=weight_decay, out=out)
+        return decayed
+
+    @staticmethod
+    def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], eta: float, lr: float) -> list[torch.Tensor]:
+        """lr * trust for every parameter, as 0-d tensors (no host sync): trust = eta ||w|| / ||g||
+        where both norms are positive, else 1."""
+        weight_norms = torch.stack(torch._foreach_norm(params))
+        grad_norms = torch.stack(torch._foreach_norm(grads))
+        usable = (weight_norms > 0) & (grad_norms > 0)
+        trust = torch.where(usable, eta * weight_norms / grad_norms.clamp(min=torch.finfo(grad_norms.dtype).tiny), 1.0)
+        return list((lr * trust).unbind())
+
+
+def _add_scaled(
+    targets: list[torch.Tensor], direction: list[torch.Tensor], lr: float, factors: list[torch.Tensor] | None, sign: float
+) -> None:
+    """targets += sign * lr * direction (factors None), or += sign * factors * direction."""
+    if factors is None:
+        torch._foreach_add_(targets, direction, alpha=sign * lr)
+    elif sign == 1.0:
+        torch._foreach_addcmul_(targets, direction, factors)
+    else:
+        torch._foreach_addcmul_(targets, direction, torch._foreach_mul(factors, sign))
 
 
 def _is_excluded(module: nn.Module, param_name: str, param: torch.Tensor) -> bool:

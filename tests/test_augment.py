@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -321,3 +322,30 @@ def test_test_transform_is_identity_at_32px_and_centre_crop_above():
     out = make_test_transform(96)(large)
     assert out.shape == (3, 96, 96)
     assert out.min().item() > 0.99  # the black rim was cropped away
+
+
+def _grid_sample_crop(images: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Reference: the crop, flip and bicubic resize as one affine ``grid_sample`` (border padding)."""
+    batch, channels, height, width = images.shape
+    top, left, crop_h, crop_w = (crop[:, k].to(torch.float32) for k in range(4))
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -crop_w, crop_w) / width
+    theta[:, 0, 2] = (2 * left + crop_w) / width - 1
+    theta[:, 1, 1] = crop_h / height
+    theta[:, 1, 2] = (2 * top + crop_h) / height - 1
+    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+@pytest.mark.parametrize(("in_hw", "size", "channels"), [((28, 28), 32, 1), ((40, 56), 24, 3), ((9, 13), 9, 3)])
+def test_separable_crop_equals_grid_sample_bicubic(in_hw, size, channels):
+    # every drawn box (edges included, so border padding is exercised), flipped or not,
+    # up- and downscaled, against torch's own bicubic sampler on the same boxes (the two
+    # differ by float32 rounding of the sample positions: a wrong tap or weight is ~1e-2)
+    generator = torch.Generator().manual_seed(sum(in_hw) + size)
+    images = torch.rand(64, channels, *in_hw, generator=generator)
+    augment = BatchedAugment(AugmentConfig(size=size, blur=False, jitter_p=0.0, grayscale_p=0.0))
+    params = augment.sample_params(64, *in_hw, generator)
+    assert params.flip.any() and not params.flip.all()
+    out = augment._crop_flip_resize(images, params.crop, params.flip)
+    torch.testing.assert_close(out, _grid_sample_crop(images, params.crop, params.flip, size), atol=1e-5, rtol=0)

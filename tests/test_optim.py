@@ -182,3 +182,19 @@ def test_scheduler_steps_per_optimizer_step_and_resumes():
     fresh.load_state_dict(state)
     fresh_optimizer.param_groups[0]["lr"] = fresh.get_last_lr()[0]
     assert fresh.get_last_lr()[0] == pytest.approx(2.0 * warmup_cosine(6, 20, 4))
+
+
+def test_step_leaves_gradients_alone_and_keeps_only_momentum_in_state():
+    # the decayed gradient lives in scratch buffers: p.grad still holds what backward wrote,
+    # and a checkpoint's optimizer state is the momentum buffers only
+    model = _small_model()
+    optimizer = LARS(lars_param_groups(model), lr=0.3, weight_decay=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        _loss(model, step).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        optimizer.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    state = optimizer.state_dict()["state"]
+    assert len(state) == len(list(model.parameters()))
+    assert all(set(entry) == {"momentum_buffer"} for entry in state.values())
