@@ -39,10 +39,24 @@ def spread(values: list[float], fmt: str = ",.1f") -> str:
     return f"range {min(values):{fmt}} to {max(values):{fmt}}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+    from simclr_core.train import uses_bf16
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    bf16 = "native bf16 (precision auto = bf16 on CPU)" if uses_bf16("auto", torch.device("cpu")) else "no native bf16 (precision auto = fp32 on CPU)"
     return (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs, {bf16}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {device}"
     )
 
