@@ -9,7 +9,9 @@ Weak-scaling efficiency at W processes = rate(W) / (W * rate(1)). Issue 6 target
 2 CPU processes. Everything the trainer does across processes is in the figure: the NT-Xent
 gather, global BatchNorm's statistics, DDP's gradient all-reduce. On CPU the script also runs
 W independent 1-process jobs at once, one per core: what the machine gives W processes with
-no communication at all, so the gap between the two figures is what distribution costs.
+no communication at all, so the gap between the two figures is what distribution costs; and
+it times the collectives one distributed step makes (global BN's per layer, the NT-Xent
+gather's, DDP's gradient all-reduce) on their own, to put a number on that cost.
 
 Usage: python benchmarks/bench_scaling.py [--procs 1,2] [--local-batch 64] [--repeats 3] [--device cpu] [--precision auto] [--no-write]
 """
@@ -77,6 +79,76 @@ def side_by_side_rate(data: Path, procs: int, local_batch: int, cifar_stem: bool
         return sum(_last_epoch_rate(out) for out in outs)
 
 
+def _collectives_worker(out: str) -> None:
+    """torchrun worker: the median time of one step's kinds of collective, written by rank 0 to ``out`` (JSON)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from simclr_core.models import SimCLRModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    model = SimCLRModel.build("resnet18", image_size=32, cifar_stem=False)
+    bn_layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    widest = max(m.num_features for m in bn_layers)
+    gradient_numel = sum(p.numel() for p in model.parameters())
+
+    def median_seconds(collective, repeats: int) -> float:
+        for _ in range(3):
+            collective()
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            collective()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    sums = torch.randn(2 * widest)  # a BN layer's backward all_reduce: sum(dy), sum(dy * xhat)
+    gradients = torch.randn(gradient_numel)
+    result = {
+        "bn_layers": len(bn_layers),
+        "small_all_reduce_s": median_seconds(lambda: dist.all_reduce(sums), 200),
+        "small_bytes": sums.numel() * 4,
+        "gradient_all_reduce_s": median_seconds(lambda: dist.all_reduce(gradients), 5),
+        "gradient_bytes": gradients.numel() * 4,
+    }
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def collective_costs(procs: int, local_batch: int, one_process_rate: float) -> list[tuple[str, str, str]]:
+    """Rows: one distributed step's collectives timed alone on ``procs`` gloo processes, against
+    the 1-process step time (``local_batch`` / ``one_process_rate``)."""
+    with tempfile.TemporaryDirectory() as root:
+        out = Path(root, "collectives.json")
+        command = [
+            "taskset", "-c", f"0-{procs - 1}", sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(procs), __file__, "--collectives-worker", str(out),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+        subprocess.run(command if shutil.which("taskset") else command[3:], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        costs = json.loads(out.read_text())
+    small_ms, gradient_ms = 1000 * costs["small_all_reduce_s"], 1000 * costs["gradient_all_reduce_s"]
+    # forward: one all_gather per BN layer; backward: one all_reduce per BN layer; the loss: the
+    # gather forward and its all_reduce backward; DDP: the gradients, in buckets, once
+    small_per_step = 2 * costs["bn_layers"] + 2
+    per_step_ms = small_per_step * small_ms + gradient_ms
+    step_ms = 1000 * local_batch / one_process_rate
+    return [
+        (f"gloo all_reduce, {procs} processes, {costs['small_bytes'] / 1024:.0f} KiB (a BN layer's statistics)", f"{small_ms:.2f} ms",
+         "median of 200, nothing else running; the latency every global-BN layer pays twice a step"),
+        (f"gloo all_reduce, {procs} processes, {costs['gradient_bytes'] / 2**20:.0f} MiB (ResNet-18 + head gradients)", f"{gradient_ms:.1f} ms",
+         f"median of 5 ({costs['gradient_bytes'] / 1e9 / costs['gradient_all_reduce_s']:.2f} GB/s)"),
+        (f"one step's collectives, timed alone, local batch {local_batch}", f"{per_step_ms:.0f} ms",
+         f"{small_per_step} small ({costs['bn_layers']} BN layers x 2, the gather x 2) + the gradients: "
+         f"{per_step_ms / step_ms:.1%} of the 1-process step ({step_ms:,.0f} ms), before any wait for the slower rank"),
+    ]
+
+
 def run(
     procs: list[int], local_batch: int, steps: int, device: str, cifar_stem: bool, repeats: int, precision: str
 ) -> list[tuple[str, str, str]]:
@@ -113,6 +185,9 @@ def run(
             f"the machine's ceiling for {count} processes: {median / (count * reference):.3f} of {count} x the 1-process rate; median of {repeats} ({spread(ceilings[count])})",
         ))
         print(rows[-1], flush=True)
+    if side_by_side:
+        rows += collective_costs(max(side_by_side), local_batch, reference)
+        print(*rows[-3:], sep="\n", flush=True)
     return rows
 
 
@@ -126,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the median rate of each count is reported")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="pretrain.precision")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--collectives-worker", metavar="OUT", help=argparse.SUPPRESS)  # internal: the torchrun worker
     args = parser.parse_args(argv)
+    if args.collectives_worker:
+        _collectives_worker(args.collectives_worker)
+        return 0
     rows = run([int(p) for p in args.procs.split(",")], args.local_batch, args.steps, args.device, args.cifar_stem, args.repeats, args.precision)
     if not args.no_write:
         write_results(f"{SECTION} ({args.device})", rows, "python benchmarks/bench_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]))

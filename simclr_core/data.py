@@ -191,6 +191,8 @@ def _decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], b
         image.load()  # decode now: a truncated file fails here
         original = image.size
         gray = image.mode in _GRAY_MODES
+        if image.mode in _WIDE_GRAY_MODES:
+            image = _gray_to_8_bits(image)
         if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -202,6 +204,26 @@ def _decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], b
             left, top = (image.width - size) // 2, (image.height - size) // 2
             image = image.crop((left, top, left + size, top + size))
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), original, gray
+
+
+# Gray modes wider than 8 bits: 16-bit PNG/TIFF/PGM ("I;16*"), and 32-bit integer ("I"), which
+# PIL's convert() would clip at 255 (everything above 1/256 of the range turned white).
+_WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+_SIXTEEN_BIT_MAX = 65535
+
+
+def _gray_to_8_bits(image):
+    """A 16-bit gray image scaled to 8 bits (v * 255 / 65535, rounded), as an "L" image.
+
+    Mode "I" holds 32-bit integers with no declared depth: it is read as 16-bit when a value
+    exceeds 255 (and clipped to 16 bits), else as 8-bit values already.
+    """
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    if image.mode != "I" or values.max(initial=0) > 255:
+        values = np.clip(values, 0, _SIXTEEN_BIT_MAX) * (255 / _SIXTEEN_BIT_MAX)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -413,6 +435,20 @@ def _refuse(archive: Path, member: str, reason: str):
     )
 
 
+def _check_room(archive: Path, extracted_bytes: int, dest: Path) -> None:
+    """Refuse, before writing anything, an archive whose members need more than the free space
+    under ``dest`` (a zip or tar bomb, or an archive too big for this disk). Zip members'
+    declared sizes bound what extraction writes (zipfile stops at them and checks the CRC); a
+    tar member's size is its stored length."""
+    free = shutil.disk_usage(dest).free
+    if extracted_bytes > free:
+        raise SourceError(
+            f"archive {archive} would extract to {extracted_bytes / 2**30:.2f} GiB, more than the "
+            f"{free / 2**30:.2f} GiB free in {dest.parent}; nothing was extracted. Point TMPDIR at a "
+            "larger disk, or unpack the archive and give prepare.source_root the folder"
+        )
+
+
 def _extract_tar(archive: Path, dest: Path) -> None:
     has_filter = hasattr(tarfile, "data_filter")
     with tarfile.open(archive) as tar:
@@ -425,6 +461,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                 reason = "it is a device, FIFO or other special file"
             if reason:
                 raise _refuse(archive, member.name, reason)
+        _check_room(archive, sum(member.size for member in members if member.isfile()), dest)
         if not has_filter:
             tar.extractall(dest, members=members)
             return
@@ -443,6 +480,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                 reason = _unsafe_link(info.filename, bundle.read(info).decode("utf-8", "replace"), hard=False)
             if reason:
                 raise _refuse(archive, info.filename, reason)
+        _check_room(archive, sum(info.file_size for info in infos), dest)
         bundle.extractall(dest)  # zipfile writes links as small regular files: they are skipped as non-images
 
 

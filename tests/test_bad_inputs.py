@@ -240,6 +240,43 @@ def _all_gray(ctx: Ctx) -> list:
     return prepare_args(ctx, root)
 
 
+# 16-bit gray values spanning the 16-bit range; image k adds 1000 * k (Pillow saves uint16 as 16-bit PNG)
+_SIXTEEN_BIT = np.arange(256, dtype=np.uint16).reshape(16, 16) * 240
+
+
+def _sixteen_bit_gray(ctx: Ctx) -> list:
+    root = ctx.tmp / "src"
+    for label in ("a", "b"):
+        for index in range(3):
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_SIXTEEN_BIT + 1000 * index).save(root / label / f"{index}.png")
+    assert Image.open(root / "a" / "0.png").mode == "I;16"
+    return prepare_args(ctx, root, "--val-fraction", "0")
+
+
+def _sixteen_bit_scaled(ctx: Ctx) -> None:
+    # every image is its 16-bit values * 255 / 65535, rounded: not clipped at 255 (which would
+    # leave all but the first 256 / 65535 of the range white)
+    dataset = PreparedDataset(ctx.out)
+    assert dataset.image_shape == (1, 16, 16)
+    expected = {np.rint((_SIXTEEN_BIT + 1000.0 * k) * 255 / 65535).astype(np.uint8).tobytes() for k in range(3)}
+    images = np.asarray(dataset.images("train"))
+    assert len(images) == 6 and all(image.tobytes() in expected for image in images)
+
+
+def _zip_bomb(ctx: Ctx) -> list:
+    """A 64 KiB zip that expands to 64 MiB of zeros, on a disk reported to have 16 MiB free."""
+    path = ctx.tmp / "images.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for member, content in _good_members():
+            bundle.writestr(member, content)
+        bundle.writestr("images/class0/zeros.png", bytes(64 * 2**20))
+    assert path.stat().st_size < 2**20
+    real_disk_usage = shutil.disk_usage
+    ctx.monkeypatch.setattr(shutil, "disk_usage", lambda where: real_disk_usage(where)._replace(free=16 * 2**20))
+    return prepare_args(ctx, path)
+
+
 def _other_size(ctx: Ctx) -> list:
     root = ctx.folder()
     _image(root / "train" / "class1" / "wide.png", size=(20, 16))
@@ -369,6 +406,10 @@ def _nothing_outside(ctx: Ctx) -> None:
         assert not (ctx.tmp / name).exists() and not (ctx.tmp.parent / name).exists()
     assert not Path("/evil-absolute.png").exists()
     assert not (Path(tempfile.gettempdir()) / "evil-chain.png").exists()
+
+
+def _nothing_extracted(ctx: Ctx) -> None:
+    assert not list(Path(tempfile.gettempdir()).glob("simclr-extract-*"))
 
 
 def _corrupt_archive(ctx: Ctx) -> list:
@@ -643,6 +684,7 @@ ROWS = [
     # -- images that are fine once converted
     BadInput("gray-rgba-palette-mixed-with-rgb", _mixed_modes, OK, "prepared imagefolder", _mixed_modes_check),
     BadInput("all-grayscale-one-channel", _all_gray, OK, "of shape [1, 16, 16]", lambda ctx: PreparedDataset(ctx.out)),
+    BadInput("sixteen-bit-gray-pngs", _sixteen_bit_gray, OK, "of shape [1, 16, 16]", _sixteen_bit_scaled),
     BadInput("sizes-differ-with-image-size", _other_size_resized, OK, "of shape [3, 12, 12]", lambda ctx: PreparedDataset(ctx.out)),
     BadInput("spaces-and-unicode-paths", _unicode_paths, OK, "prepared imagefolder", _unicode_check),
     # -- a source that cannot make a dataset: exit 2, nothing written
@@ -664,6 +706,7 @@ ROWS = [
     BadInput("zip-symlink-outside", _zip_with("images/class0/escape", symlink_to="../../../etc"), USAGE, "member 'images/class0/escape' refused: it is a link"),
     BadInput("corrupt-archive", _corrupt_archive, USAGE, "images.tar.gz cannot be read"),
     BadInput("truncated-zip", _truncated_zip, USAGE, "images.zip cannot be read"),
+    BadInput("zip-bomb", _zip_bomb, USAGE, "would extract to 0.06 GiB, more than the 0.02 GiB free", _nothing_extracted),
     # -- where the output goes
     BadInput("out-is-someone-elses-folder", _out_not_a_dataset, USAGE, "is a non-empty directory that is not a prepared dataset", _out_kept, outputs_absent=False),
     BadInput("failed-rerun-keeps-old-dataset", _prepare_good_then(_rerun_bad_source), USAGE, "class2 holds no readable images", _old_dataset_intact, outputs_absent=False),

@@ -162,9 +162,14 @@ def test_trainer_pods_carry_the_labels_the_podmonitor_and_networkpolicy_select()
         assert trainer_policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
         (container,) = replica["template"]["spec"]["containers"]
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        assert {endpoint["port"] for endpoint in podmonitor["spec"]["podMetricsEndpoints"]} <= set(ports)
-        command = container["command"]  # the trainer serves its metrics on the port the PodMonitor scrapes
-        assert command[command.index("--metrics-port") + 1] == str(ports["metrics"])
+        command = container["command"]  # local rank k serves on --metrics-port + k (monitoring.py)
+        first = int(command[command.index("--metrics-port") + 1])
+        metrics = {name: port for name, port in ports.items() if name.startswith("metrics")}
+        assert sorted(metrics.values()) == [first + rank for rank in range(4)]  # one per process of the pod
+        scraped = {endpoint["port"] for endpoint in podmonitor["spec"]["podMetricsEndpoints"]}
+        assert set(metrics) <= scraped  # the PodMonitor scrapes every one of them
+        (allowed,) = trainer_policy["spec"]["ingress"][1]["ports"]  # and the NetworkPolicy lets Prometheus in
+        assert all(allowed["port"] <= port <= allowed["endPort"] for port in metrics.values())
 
 
 def test_job_names_are_valid_dns_labels_and_deterministic():

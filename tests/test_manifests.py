@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from components.launcher.pytorchjob import METRICS_PORT, SCRAPED_LOCAL_RANKS, metrics_port_name
 from tests.tools import failed_checks, run_checkov, skipped_checks, tools_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,8 +296,8 @@ def test_podmonitor_scrapes_the_trainer_pods_metrics_port():
     monitor = _one("PodMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["selector"] == {"matchLabels": TRAINER_LABEL}
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [(e["port"], e["path"]) for e in endpoints] == [(metrics_port_name(k), "/metrics") for k in range(SCRAPED_LOCAL_RANKS)]
     for template in _pod_specs(_one("PyTorchJob")).values():
         labels = template["metadata"]["labels"]
         assert TRAINER_LABEL.items() <= labels.items()
@@ -410,7 +411,8 @@ def test_network_policies_select_the_pods_they_protect():
     assert trainer["podSelector"] == {"matchLabels": TRAINER_LABEL}
     peers, metrics = trainer["ingress"]
     assert peers == {"from": [{"podSelector": {"matchLabels": TRAINER_LABEL}}]}
-    assert metrics["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    (ports,) = metrics["ports"]  # every local rank's metrics port the PodMonitor scrapes, and no other
+    assert (ports["protocol"], ports["port"], ports["endPort"]) == ("TCP", METRICS_PORT, METRICS_PORT + SCRAPED_LOCAL_RANKS - 1)
     job_labels = _one("Job")["spec"]["template"]["metadata"]["labels"]
     prepare = policies["simclr-prepare"]["spec"]
     assert prepare["podSelector"]["matchLabels"].items() <= job_labels.items()

@@ -3,7 +3,8 @@
 :func:`build_pytorchjob` turns a :class:`PretrainJob` into the PyTorchJob object (a plain
 dict): a Master and ``num_nodes - 1`` Workers, each pod running
 ``torchrun --no-python simclr pretrain --metrics-port 9090 ARGS`` in a container named
-``pytorch`` (9090 is the container port ``metrics`` that the PodMonitor scrapes). torchrun
+``pytorch`` (local rank k serves on 9090 + k, the container port ``metrics`` or ``metrics-k``
+that the PodMonitor scrapes). torchrun
 reads the rendezvous from the variables the operator sets in every pod (PET_NNODES,
 PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), so the command is the
 same on every pod. Pods restart on failure (``restartPolicy: OnFailure``) and the trainer
@@ -53,9 +54,11 @@ LABELS = {
     "app.kubernetes.io/component": "trainer",
     "app.kubernetes.io/managed-by": "simclr-launcher",
 }
-# The trainer's Prometheus endpoint (`simclr pretrain --metrics-port`), the container port
-# "metrics" that the PodMonitor scrapes. Local rank k of a pod serves on METRICS_PORT + k.
+# The trainer's Prometheus endpoint (`simclr pretrain --metrics-port`). Local rank k of a pod
+# serves on METRICS_PORT + k, declared as the container port "metrics" (k = 0) or "metrics-k":
+# manifests/podmonitor.yaml scrapes those names for k < SCRAPED_LOCAL_RANKS (a node's GPUs).
 METRICS_PORT = 9090
+SCRAPED_LOCAL_RANKS = 8
 # The root filesystem is read-only; everything that writes caches goes to the /tmp emptyDir.
 POD_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/matplotlib", "PYTHONUNBUFFERED": "1"}
 # Finished pods stay (for their logs) until the launcher deletes the job; running ones go.
@@ -152,10 +155,7 @@ def _container(job: PretrainJob) -> dict:
         "imagePullPolicy": "Always",
         "command": container_command(job),
         "env": [{"name": name, "value": str(value)} for name, value in env.items()],
-        "ports": [
-            {"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}, *metrics_ports(job.procs_per_node)],
         "resources": _resources(job),
         "volumeMounts": mounts,
         "securityContext": {
@@ -169,6 +169,19 @@ def _container(job: PretrainJob) -> dict:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+
+
+def metrics_port_name(local_rank: int) -> str:
+    """The container port name of local rank ``local_rank``'s metrics: "metrics", "metrics-1", ..."""
+    return "metrics" if local_rank == 0 else f"metrics-{local_rank}"
+
+
+def metrics_ports(procs_per_node: int) -> list[dict]:
+    """One container port per local rank: rank k's /metrics on METRICS_PORT + k."""
+    return [
+        {"name": metrics_port_name(rank), "containerPort": METRICS_PORT + rank, "protocol": "TCP"}
+        for rank in range(procs_per_node)
+    ]
 
 
 def _resources(job: PretrainJob) -> dict:
