@@ -25,9 +25,10 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def mean_seconds(fn, repeats: int) -> float:
-    """Mean of ``repeats`` timed calls after one warm-up call (to compare with an epoch's average step)."""
-    fn()
+def mean_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Mean of ``repeats`` timed calls after ``warmup`` untimed ones (to compare with an epoch's average step)."""
+    for _ in range(warmup):
+        fn()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
