@@ -78,7 +78,7 @@ class LARS(torch.optim.Optimizer):
         return loss
 
     def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        """One step of the group's parameters, in place: no tensor is allocated per step.
+        """One step of the group's parameters, in place: no parameter-sized tensor is allocated per step.
 
         The step is memory-bound (a few flops per element), so it runs as few passes over the
         parameters as the rule allows, and the decayed gradient g + wd * w goes into a buffer
