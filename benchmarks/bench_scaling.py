@@ -34,11 +34,15 @@ from common import spread, write_results
 SECTION = "bench_scaling"
 
 
+def _pinned(cores: str | None) -> list[str]:
+    """The command prefix that pins a process tree to ``cores`` (none without taskset or cores)."""
+    return ["taskset", "-c", cores] if cores is not None and shutil.which("taskset") else []
+
+
 def _pretrain_command(data: Path, out: str, procs: int, cores: str | None, local_batch: int, device: str, cifar_stem: bool, precision: str) -> list[str]:
     """`simclr pretrain` under torchrun on ``procs`` processes, pinned to ``cores`` when given."""
-    pin = ["taskset", "-c", cores] if cores is not None and shutil.which("taskset") else []
     return [
-        *pin, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+        *_pinned(cores), sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
         "-m", "simclr_core", "pretrain", "--data", str(data), "--out", out, "--device", device,
         "--arch", "resnet18", "--width-multiplier", "1.0", "--cifar-stem", "true" if cifar_stem else "false",
         "--batch-size", str(local_batch * procs), "--epochs", "2", "--warmup-epochs", "0",
@@ -126,11 +130,11 @@ def collective_costs(procs: int, local_batch: int, one_process_rate: float) -> l
     with tempfile.TemporaryDirectory() as root:
         out = Path(root, "collectives.json")
         command = [
-            "taskset", "-c", f"0-{procs - 1}", sys.executable, "-m", "torch.distributed.run", "--standalone",
+            *_pinned(f"0-{procs - 1}"), sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(procs), __file__, "--collectives-worker", str(out),
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
-        subprocess.run(command if shutil.which("taskset") else command[3:], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         costs = json.loads(out.read_text())
     small_ms, gradient_ms = 1000 * costs["small_all_reduce_s"], 1000 * costs["gradient_all_reduce_s"]
     # forward: one all_gather per BN layer; backward: one all_reduce per BN layer; the loss: the

@@ -137,10 +137,8 @@ def _add_scaled(
     """targets += sign * lr * direction (factors None), or += sign * factors * direction."""
     if factors is None:
         torch._foreach_add_(targets, direction, alpha=sign * lr)
-    elif sign == 1.0:
-        torch._foreach_addcmul_(targets, direction, factors)
     else:
-        torch._foreach_addcmul_(targets, direction, torch._foreach_mul(factors, sign))
+        torch._foreach_addcmul_(targets, direction, factors, value=sign)
 
 
 def _is_excluded(module: nn.Module, param_name: str, param: torch.Tensor) -> bool:
