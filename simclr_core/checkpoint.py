@@ -5,7 +5,7 @@ with ``torch.load(weights_only=True)``: a file that carries code (a pickled call
 refused, never run.
 
 :class:`CheckpointManager` keeps a run's checkpoints in a store (a local directory or a
-gs:// prefix)::
+gs:// or s3:// prefix)::
 
     checkpoints/step-00000300.pt        the state
     checkpoints/step-00000300.pt.json   its metadata: step, sha256, size, kNN accuracy, time
@@ -72,7 +72,7 @@ def _load_bytes(data: bytes, source: str, map_location: str | torch.device) -> d
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint (local path or gs:// URI) of tensors and plain values only."""
+    """Read a checkpoint (local path, gs:// or s3:// URI) of tensors and plain values only."""
     if not is_remote(path) and not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -1,4 +1,4 @@
-"""Storage for every step: local paths and ``gs://bucket/prefix`` URIs, through one interface.
+"""Storage for every step: local paths, ``gs://bucket/prefix`` and ``s3://bucket/prefix`` URIs, through one interface.
 
 Nothing is ever half-written. Locally a file is written to a temporary name beside its target,
 fsynced and renamed. On Google Cloud Storage an object appears only when its upload completes
@@ -11,6 +11,13 @@ talks to an emulator when ``STORAGE_EMULATOR_HOST`` is set. Transient errors (co
 resets, 429, 5xx) are retried with exponential backoff for up to ``SIMCLR_GCS_RETRY_SECONDS``
 seconds (default 120), then raise :class:`StorageUnavailable`. A URI without a bucket, a
 missing bucket or object, or denied access raise :class:`StorageError`, naming the URI.
+
+S3 and S3-compatible stores (MinIO, which ships with Kubeflow; Ceph; ...) go through boto3. It
+finds credentials the usual way (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, IRSA
+or an instance role) and the endpoint in ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``), e.g.
+``http://minio-service.kubeflow:9000``; with an endpoint set, buckets are addressed by path, as
+MinIO expects. Retries use botocore's standard mode for ``SIMCLR_S3_MAX_ATTEMPTS`` attempts (10).
+Objects appear only when their (multipart) upload completes, as on GCS.
 
 Steps that need a local directory (a prepared dataset is memory-mapped) use
 :func:`staged_input` / :func:`staged_output`, which download or upload a whole tree.
@@ -29,13 +36,15 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 __all__ = [
-    "StorageError", "StorageUnavailable", "Store", "LocalStore", "GCSStore", "open_store", "is_remote",
-    "split_gs_uri", "join", "read_bytes", "sha256_file", "staged_input", "staged_output", "write_atomic", "write_text", "write_json",
+    "StorageError", "StorageUnavailable", "Store", "LocalStore", "GCSStore", "S3Store", "open_store", "is_remote",
+    "split_gs_uri", "split_uri", "join", "read_bytes", "sha256_file", "staged_input", "staged_output", "write_atomic", "write_text", "write_json",
 ]
 
 log = logging.getLogger("simclr.storage")
 
 GS_PREFIX = "gs://"
+S3_PREFIX = "s3://"
+REMOTE_PREFIXES = (GS_PREFIX, S3_PREFIX)
 RESUMABLE_CHUNK_BYTES = 16 * 1024 * 1024  # files above this go up in resumable chunks
 _RETRY_SECONDS_ENV = "SIMCLR_GCS_RETRY_SECONDS"
 
@@ -92,19 +101,27 @@ def write_json(path: str | Path, value: Any) -> None:
 
 
 def is_remote(uri: str | Path) -> bool:
-    return str(uri).startswith(GS_PREFIX)
+    """True for gs:// and s3:// URIs (everything else is a local path)."""
+    return str(uri).startswith(REMOTE_PREFIXES)
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``s3://bucket/a/b`` -> ("s3://", "bucket", "a/b"); a URI without a bucket is a StorageError."""
+    scheme = next(prefix for prefix in REMOTE_PREFIXES if uri.startswith(prefix))
+    bucket, _, key = uri[len(scheme) :].partition("/")
+    if not bucket or bucket in (".", ".."):
+        raise StorageError(f"{uri!r} names no bucket: expected {scheme}BUCKET/PATH")
+    return scheme, bucket, key.strip("/")
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:
     """``gs://bucket/a/b`` -> ("bucket", "a/b"); a URI without a bucket is a StorageError."""
-    bucket, _, key = uri[len(GS_PREFIX) :].partition("/")
-    if not bucket or bucket in (".", ".."):
-        raise StorageError(f"{uri!r} names no bucket: expected gs://BUCKET/PATH")
-    return bucket, key.strip("/")
+    _, bucket, key = split_uri(uri)
+    return bucket, key
 
 
 def join(uri: str | Path, *parts: str) -> str:
-    """Join path parts onto a local path or a gs:// URI."""
+    """Join path parts onto a local path or a gs:// or s3:// URI."""
     if is_remote(uri):
         return "/".join([str(uri).rstrip("/"), *(part.strip("/") for part in parts)])
     return str(Path(uri, *parts))
@@ -323,17 +340,144 @@ def _client():
     return _CLIENT
 
 
+class S3Store(Store):
+    """Objects under ``s3://bucket/prefix`` through boto3 (AWS S3 or an S3-compatible server)."""
+
+    def __init__(self, uri: str) -> None:
+        _, self.bucket_name, self.prefix = split_uri(uri)
+        self.root = f"{S3_PREFIX}{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
+        self._client = _s3_client()
+        self._scratch: Path | None = None
+
+    def _name(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translate botocore's exceptions into ours, naming ``what`` (a URI)."""
+        from botocore import exceptions as bexc
+
+        try:
+            yield
+        except bexc.ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            message = error.response.get("Error", {}).get("Message", "") or code
+            if code == "NoSuchBucket":
+                raise StorageError(f"bucket s3://{self.bucket_name} does not exist (while accessing {what})") from None
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"{what} does not exist") from None
+            if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+                raise StorageError(f"access to {what} denied: {message}") from None
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+                raise StorageError(f"no valid credentials for {what}: {message}") from None
+            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or code.startswith("5"):
+                raise StorageUnavailable(f"{what}: storage did not answer ({code}: {message})") from None
+            raise StorageError(f"{what}: {code}: {message}") from None
+        except bexc.NoCredentialsError:
+            raise StorageError(
+                f"no credentials for {what}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or role)"
+            ) from None
+        except (bexc.EndpointConnectionError, bexc.ConnectTimeoutError, bexc.ReadTimeoutError, bexc.ConnectionClosedError) as error:
+            raise StorageUnavailable(f"{what}: {_short(error)}") from None
+
+    def exists(self, key: str) -> bool:
+        from botocore import exceptions as bexc
+
+        with self._errors(self.uri(key)):
+            try:
+                self._client.head_object(Bucket=self.bucket_name, Key=self._name(key))
+                return True
+            except bexc.ClientError as error:
+                if str(error.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+        try:  # a missing bucket is an error, not a missing object (HEAD answers carry no error code)
+            self._client.head_bucket(Bucket=self.bucket_name)
+        except bexc.ClientError as error:
+            if str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"bucket s3://{self.bucket_name} does not exist (while accessing {self.uri(key)})") from None
+            with self._errors(self.uri(key)):
+                raise
+        return False
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors(self.uri(key)):
+            return self._client.get_object(Bucket=self.bucket_name, Key=self._name(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors(self.uri(key)):
+            self._client.put_object(Bucket=self.bucket_name, Key=self._name(key), Body=data)
+
+    def put_file(self, local_path: Path, key: str) -> None:
+        with self._errors(self.uri(key)):
+            self._client.upload_file(str(local_path), self.bucket_name, self._name(key))  # multipart above 8 MiB
+        local_path.unlink()
+
+    def get_file(self, key: str, local_path: Path) -> None:
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = local_path.with_name(f".{local_path.name}.part")
+        with self._errors(self.uri(key)):
+            self._client.download_file(self.bucket_name, self._name(key), str(partial))
+        os.replace(partial, local_path)
+
+    def list(self, prefix: str = "") -> list[str]:
+        start = self._name(prefix).rstrip("/")
+        start = f"{start}/" if start else ""
+        names: list[str] = []
+        with self._errors(self.uri(prefix)):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket_name, Prefix=start):
+                names += [item["Key"] for item in page.get("Contents", [])]
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(name[cut:] for name in names if not name.endswith("/"))
+
+    def delete(self, key: str) -> None:
+        with self._errors(self.uri(key)):
+            self._client.delete_object(Bucket=self.bucket_name, Key=self._name(key))  # no error when absent
+
+    def scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="simclr-upload-"))
+        return self._scratch
+
+
+_S3_ATTEMPTS_ENV = "SIMCLR_S3_MAX_ATTEMPTS"
+
+
+def _s3_client():
+    """A boto3 S3 client: the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (botocore
+    reads them itself), path-style addressing when one is set, standard-mode retries."""
+    import boto3
+    from botocore.config import Config
+
+    value = os.environ.get(_S3_ATTEMPTS_ENV, "10")
+    try:
+        attempts = int(value)
+    except ValueError:
+        raise StorageError(f"{_S3_ATTEMPTS_ENV}={value!r}: expected a whole number of attempts") from None
+    custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": max(1, attempts)},
+        connect_timeout=10, read_timeout=120,
+        s3={"addressing_style": "path" if custom_endpoint else "auto"},
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
 def open_store(uri: str | Path) -> Store:
-    """The store rooted at ``uri``: a local directory or a gs:// prefix."""
-    return GCSStore(str(uri)) if is_remote(uri) else LocalStore(uri)
+    """The store rooted at ``uri``: a local directory, a gs:// or an s3:// prefix."""
+    text = str(uri)
+    if text.startswith(GS_PREFIX):
+        return GCSStore(text)
+    if text.startswith(S3_PREFIX):
+        return S3Store(text)
+    return LocalStore(uri)
 
 
 def read_bytes(uri: str | Path) -> bytes:
     """The bytes of one file or object."""
     if is_remote(uri):
         parent, _, name = str(uri).rstrip("/").rpartition("/")
-        if not name or parent in ("gs:", "gs:/"):
-            raise StorageError(f"{uri!r} names no object: expected gs://BUCKET/PATH")
+        if not name or parent in ("gs:", "gs:/", "s3:", "s3:/"):
+            raise StorageError(f"{uri!r} names no object: expected {split_uri(str(uri))[0]}BUCKET/PATH")
         return open_store(parent).read_bytes(name)
     try:
         return Path(uri).read_bytes()
@@ -365,7 +509,7 @@ def staged_input(uri: str | Path) -> Iterator[Path]:
 def staged_output(uri: str | Path, upload: bool = True, last: tuple[str, ...] = ()) -> Iterator[Path]:
     """A local directory whose files end up at ``uri`` when the block succeeds.
 
-    Local paths are used as they are. For gs:// the block writes into a temporary directory that
+    Local paths are used as they are. For gs:// and s3:// the block writes into a temporary directory that
     is uploaded afterwards (when ``upload``), files named in ``last`` after all others so that
     their presence means the rest is complete. On failure nothing is uploaded.
     """

@@ -202,9 +202,9 @@ def _progress(total_steps: int, initial_step: int, batch_size: int, enabled: boo
 def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, env: DistEnv) -> dict[str, Any]:
     """Pretrain on ``data_dir``'s train split; write checkpoints, metrics and ``model.pt`` under ``out_dir``.
 
-    ``out_dir`` is a local directory or a gs:// URI. Checkpoints go there as they are written
+    ``out_dir`` is a local directory or a gs:// or s3:// URI. Checkpoints go there as they are written
     (see :class:`CheckpointManager`); the run resumes from the newest good one. The DVCLive
-    metrics (``live/``) and ``model.pt`` are written locally and, for gs://, uploaded at the end.
+    metrics (``live/``) and ``model.pt`` are written locally and, for gs:// and s3://, uploaded at the end.
     Returns the final epoch's metrics.
     """
     store = open_store(out_dir)
