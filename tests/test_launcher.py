@@ -519,3 +519,98 @@ def test_sigterm_stops_the_local_run(tiny_prepared, tmp_path):
         process.kill()
     assert process.returncode == 1 and "received SIGTERM" in stderr
     assert _all_gone(str(out)) == []
+
+
+# ------------------------------------------------------------------------------ the run's identity and the volume
+
+
+def _in_pod(monkeypatch, pod_name: str) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KFP_POD_NAME", pod_name)
+    monkeypatch.delenv("SIMCLR_RUN_ID", raising=False)
+    monkeypatch.setattr("components.launcher.run_identity.resolve_namespace", lambda namespace: namespace or NAMESPACE)
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ({"pipeline/runid": "5f0c6e1e-aaaa", "workflows.argoproj.io/workflow": "simclr-x7k2p"}, "5f0c6e1e-aaaa"),
+    ({"workflows.argoproj.io/workflow": "simclr-x7k2p"}, "simclr-x7k2p"),  # Argo's label, on every backend
+    ({}, "simclr-x7k2p-system-container-impl-1"),  # neither: the pod's name, with a warning
+])
+def test_the_run_id_comes_from_the_step_pods_labels(emulator, monkeypatch, labels, expected):
+    from components.launcher import pipeline_run_id
+
+    pod = "simclr-x7k2p-system-container-impl-1"
+    emulator.core.create_namespaced_pod(NAMESPACE, {"metadata": {"name": pod, "namespace": NAMESPACE, "labels": labels}})
+    _in_pod(monkeypatch, pod)
+    lines: list[str] = []
+    assert pipeline_run_id(emulator.api_client, log=lines.append) == expected
+    assert bool(lines) == (not labels)
+    # two attempts of a step (two pods of the same workflow) give the same job name; another run another
+    if labels:
+        retry = f"{pod}-retry"
+        emulator.core.create_namespaced_pod(NAMESPACE, {"metadata": {"name": retry, "namespace": NAMESPACE, "labels": labels}})
+        monkeypatch.setenv("KFP_POD_NAME", retry)
+        assert job_name_for(pipeline_run_id(emulator.api_client, log=lines.append)) == job_name_for(expected)
+
+
+def test_the_run_id_outside_a_cluster_and_when_the_pod_cannot_be_read(emulator, monkeypatch):
+    from components.launcher import pipeline_run_id
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("SIMCLR_RUN_ID", raising=False)
+    assert pipeline_run_id(emulator.api_client) == ""
+    monkeypatch.setenv("SIMCLR_RUN_ID", "my-run")
+    assert pipeline_run_id(emulator.api_client) == "my-run"
+    _in_pod(monkeypatch, "no-such-pod")  # 404 here; a 403 (no 'get' on pods) takes the same path
+    lines: list[str] = []
+    assert pipeline_run_id(emulator.api_client, log=lines.append) == "no-such-pod"
+    assert "cannot read pod team-a/no-such-pod" in lines[0] and "needs 'get' on pods" in lines[0]
+
+
+def test_the_dataset_is_staged_once_per_run_on_the_volume(tiny_prepared, tmp_path):
+    from components.launcher import stage_on_volume
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    lines: list[str] = []
+    stage = stage_on_volume(str(tiny_prepared), "simclr-data", str(volume), "simclr-pretrain-run-a", log=lines.append)
+    assert stage == str(volume / "pipeline-runs" / "simclr-pretrain-run-a")
+    assert sorted(p.name for p in Path(stage, "data").iterdir()) == sorted(p.name for p in tiny_prepared.iterdir())
+    # a retried step resumes: the staged copy stays as it is
+    (Path(stage) / "data" / "marker").write_text("kept")
+    assert stage_on_volume(str(tiny_prepared), "simclr-data", str(volume), "simclr-pretrain-run-a", log=lines.append) == stage
+    assert (Path(stage) / "data" / "marker").exists() and "resuming this run" in lines[-1]
+    # another run gets its own directory
+    other = stage_on_volume(str(tiny_prepared), "simclr-data", str(volume), "simclr-pretrain-run-b", log=lines.append)
+    assert other != stage and not (Path(other) / "data" / "marker").exists()
+    with pytest.raises(LaunchError, match="needs pvc_name"):
+        stage_on_volume(str(tiny_prepared), "", str(volume), "x")
+    with pytest.raises(LaunchError, match="not mounted at"):
+        stage_on_volume(str(tiny_prepared), "simclr-data", str(tmp_path / "absent"), "x")
+
+
+def test_a_volume_the_step_may_not_write_says_what_to_set():
+    """A root-owned 0755 volume root (what NFS-like drivers that skip fsGroup leave), seen by
+    the image's uid: the step fails with what to do, before copying anything."""
+    import tempfile
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the check as another uid")
+    volume = Path(tempfile.mkdtemp(prefix="simclr-volume-"))  # under /tmp: reachable for any uid
+    os.chmod(volume, 0o755)
+    script = textwrap.dedent(f"""
+        import os, sys
+        from components.launcher import LaunchError, stage_on_volume  # before the switch: /root is not readable after it
+        os.setgid(10001); os.setuid(10001)
+        try:
+            stage_on_volume("/nonexistent", "simclr-data", {str(volume)!r}, "run-a")
+        except LaunchError as error:
+            print(error.reason, error); sys.exit(3)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("VolumeNotWritable cannot write to")
+    assert "as uid 10001" in result.stdout and "belongs to uid 0" in result.stdout and "fsGroup" in result.stdout
+    assert list(volume.iterdir()) == []
+    volume.rmdir()

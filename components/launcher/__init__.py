@@ -30,6 +30,8 @@ from components.launcher.core import (
 )
 from components.launcher.local import LocalBackend, local_command
 from components.launcher.pytorchjob import PyTorchJobBackend, build_pytorchjob, container_command, load_api_client
+from components.launcher.run_identity import pipeline_run_id
+from components.launcher.volume import stage_on_volume
 
 __all__ = [
     "PretrainJob",
@@ -47,4 +49,6 @@ __all__ = [
     "build_pytorchjob",
     "container_command",
     "load_api_client",
+    "pipeline_run_id",
+    "stage_on_volume",
 ]

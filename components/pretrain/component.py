@@ -24,6 +24,13 @@ def pretrain(
     pvc_mount_path: str = "/mnt/simclr",
     job_name: str = "",
     timeout_s: int = 0,
+    keep_run_dir: bool = False,
+    trainer_cpu_request: str = "2",
+    trainer_cpu_limit: str = "4",
+    trainer_memory_request: str = "8Gi",
+    trainer_memory_limit: str = "16Gi",
+    trainer_shm_size: str = "2Gi",
+    trainer_service_account: str = "simclr-trainer",
     node_selector: dict = {},
     tolerations: list = [],
     settings: dict = {},
@@ -32,44 +39,53 @@ def pretrain(
     per-epoch ``metrics`` (last epoch's loss, kNN accuracy, ...) and an HTML ``report``.
 
     ``backend``: "local" runs ``torchrun --nproc-per-node procs_per_node simclr pretrain`` in
-    this step's container (one node); "pytorchjob" creates a PyTorchJob of ``num_nodes``
-    pods (Master + Workers, ``procs_per_node`` processes and ``gpus_per_node`` GPUs each,
-    ``image``, ``node_selector``, ``tolerations``) that reads and writes through the PVC
-    ``pvc_name`` mounted at ``pvc_mount_path`` here and in the job's pods; the job resumes
-    from its last checkpoint there when a pod restarts or the step is retried under the same
-    ``job_name``. ``timeout_s``: 0 = wait as long as it takes. ``settings``: any other
-    `simclr pretrain` option by its params.yaml name.
+    this step's container (one node: ``num_nodes`` is not used, no PVC is needed);
+    "pytorchjob" creates a PyTorchJob of ``num_nodes`` pods (Master + Workers,
+    ``procs_per_node`` processes and ``gpus_per_node`` GPUs each, ``image``, the ``trainer_*``
+    resources and service account, ``node_selector``, ``tolerations``) that reads and writes
+    through the PVC ``pvc_name`` mounted at ``pvc_mount_path`` here and in the job's pods.
+
+    The job and its directory on the PVC (``pipeline-runs/<job>/``) are named after the run,
+    read from this pod's labels (not an input, so that identical runs share a cache key), or
+    after ``job_name`` when given: a retried step resumes the run's checkpoints. The directory
+    is deleted once the model is in the artifact, unless ``keep_run_dir``. ``timeout_s``: 0 =
+    wait as long as it takes. ``settings``: any other `simclr pretrain` option by its
+    params.yaml name.
     """
     import os
     import shutil
     import tempfile
 
     from components.common import DEFAULT_IMAGE, cli_options, copy_tree, log_metrics, read_json, run_simclr
-    from components.launcher import PretrainJob, job_name_for, launch
+    from components.launcher import PretrainJob, job_name_for, launch, pipeline_run_id, stage_on_volume
 
     options = cli_options(settings, epochs=epochs, batch_size=batch_size, temperature=temperature)
-    name = job_name_for(job_name or os.environ.get("KFP_POD_NAME", "") or "simclr-pretrain")
+    stage = ""
     if backend == "local":
+        if num_nodes != 1:
+            print(f"pretrain: backend 'local' runs on this step's pod only; num_nodes={num_nodes} applies to 'pytorchjob'", flush=True)
+        name = job_name_for(job_name or "simclr-pretrain")
         data_dir, run_dir = data.path, model.path
     else:
-        if not pvc_name:
-            raise ValueError("backend 'pytorchjob' needs pvc_name: the PyTorchJob's pods read the data and write checkpoints there")
-        stage = os.path.join(pvc_mount_path, "pipeline-runs", name)
+        name = job_name_for(job_name or pipeline_run_id(log=print) or "simclr-pretrain")
+        stage = stage_on_volume(data.path, pvc_name, pvc_mount_path, name, log=print)
         data_dir, run_dir = os.path.join(stage, "data"), os.path.join(stage, "pretrain")
-        if not os.path.isfile(os.path.join(data_dir, "manifest.json")):  # a retried step keeps its staged copy
-            copy_tree(data.path, data_dir + ".partial")
-            os.replace(data_dir + ".partial", data_dir)
     job = PretrainJob(
         name=name, image=image or DEFAULT_IMAGE, simclr_args=["--data", data_dir, "--out", run_dir, *options],
-        num_nodes=num_nodes, procs_per_node=procs_per_node, gpus_per_node=gpus_per_node,
+        num_nodes=1 if backend == "local" else num_nodes, procs_per_node=procs_per_node, gpus_per_node=gpus_per_node,
+        cpu_request=trainer_cpu_request, cpu_limit=trainer_cpu_limit, memory_request=trainer_memory_request,
+        memory_limit=trainer_memory_limit, shm_size=trainer_shm_size, service_account=trainer_service_account,
         node_selector=dict(node_selector), tolerations=list(tolerations),
-        pvc_name=pvc_name, pvc_mount_path=pvc_mount_path,
+        pvc_name=pvc_name if stage else "", pvc_mount_path=pvc_mount_path,
     )
     launch(job, backend=backend, timeout_s=timeout_s, log=print)
     if run_dir != model.path:  # bring the result from the PVC into the artifact
         os.makedirs(model.path, exist_ok=True)
         shutil.copy2(os.path.join(run_dir, "model.pt"), os.path.join(model.path, "model.pt"))
         copy_tree(os.path.join(run_dir, "live"), os.path.join(model.path, "live"))
+        if not keep_run_dir:
+            shutil.rmtree(stage, ignore_errors=True)
+            print(f"pretrain: removed {stage} (the model is in the artifact; keep_run_dir=true keeps it)", flush=True)
 
     with tempfile.TemporaryDirectory() as scratch:
         run_simclr(["report", "--run", model.path, "--data", data.path, "--out", scratch])
@@ -77,4 +93,4 @@ def pretrain(
         summary = read_json(os.path.join(scratch, "metrics.json"))
     last_epoch = read_json(os.path.join(model.path, "live", "metrics.json"))
     log_metrics(metrics, {**last_epoch, **summary})
-    model.metadata.update({"epochs": epochs, "batch_size": batch_size, "temperature": temperature, "nodes": num_nodes})
+    model.metadata.update({"epochs": epochs, "batch_size": batch_size, "temperature": temperature, "nodes": num_nodes if backend != "local" else 1})
