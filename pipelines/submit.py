@@ -1,9 +1,14 @@
 """Submit the compiled pipeline to a Kubeflow Pipelines endpoint with ``kfp.Client``.
 
-    python -m pipelines.submit --host https://kubeflow.example.com/pipeline \\
+    python -m pipelines.submit --host https://kubeflow.example.com/pipeline --namespace my-profile \\
         epochs=200 batch_size=1024 num_nodes=4 gpus_per_node=1 source=cifar10 source_uri=/mnt/simclr/cifar
 
-The host comes from ``--host`` or the KFP_HOST environment variable. Parameters are
+The host comes from ``--host`` or the KFP_HOST environment variable. Credentials: ``--token``
+(or KFP_TOKEN: a bearer token, e.g. ``kubectl create token default-editor -n my-profile
+--audience pipelines.kubeflow.org``), ``--cookies`` (or KFP_COOKIES: a Dex session cookie,
+``authservice_session=...``), or, inside the cluster (a Kubeflow notebook), the projected
+service-account token at /var/run/secrets/kubeflow/pipelines/token. The run uses the profile's
+default service account (``default-editor``) unless ``--service-account`` names another. Parameters are
 ``name=value`` pairs named as in the pipeline (see ``--list``); values are read as JSON when
 they parse (numbers, lists, objects), else as strings. Exit codes: 0 submitted, 2 bad usage
 (unknown parameter, value of the wrong type, no host), 1 the endpoint refused or was unreachable.
@@ -60,6 +65,37 @@ def parse_arguments(pairs: list[str], parameters: dict[str, dict[str, Any]]) -> 
     return arguments
 
 
+SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"  # Kubeflow notebooks' projected token
+
+
+def credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """kfp.Client's credential arguments: a token, cookies, or the in-cluster projected token."""
+    if args.token:
+        return {"existing_token": args.token}
+    if args.cookies:
+        return {"cookies": args.cookies}
+    token_path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH", SA_TOKEN_PATH)
+    if Path(token_path).is_file():
+        from kfp.client import ServiceAccountTokenVolumeCredentials
+
+        return {"credentials": ServiceAccountTokenVolumeCredentials(path=token_path)}
+    return {}
+
+
+def check_backend(pipeline_file: str | Path, parameters: dict[str, dict[str, Any]], arguments: dict[str, Any]) -> None:
+    """Refuse ``backend=pytorchjob`` on a pipeline compiled without a PVC (``--no-pvc``)."""
+    backend = arguments.get("backend", parameters.get("backend", {}).get("defaultValue"))
+    if backend == "pytorchjob" and not pipeline_mounts_pvc(pipeline_file):
+        raise UsageError("backend=pytorchjob needs the PVC, and this pipeline was compiled with --no-pvc: "
+                         "pass backend=local, or compile without --no-pvc")
+
+
+def pipeline_mounts_pvc(pipeline_file: str | Path) -> bool:
+    documents = list(yaml.safe_load_all(Path(pipeline_file).read_text()))
+    executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(documents) > 1 else {}
+    return any(config.get("pvcMount") for config in executors.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__.splitlines()[0])
     parser.add_argument("arguments", nargs="*", metavar="NAME=VALUE", help="pipeline parameters")
@@ -67,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=str(PIPELINE_FILE), help="compiled pipeline YAML (default: %(default)s)")
     parser.add_argument("--experiment", default="simclr", help="experiment name (default: %(default)s)")
     parser.add_argument("--run-name", default=None, help="run name (default: kfp's)")
-    parser.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installations)")
-    parser.add_argument("--service-account", default=None, help="the runs' Kubernetes service account (manifests/ makes simclr-pipeline)")
+    parser.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE"), help="Kubeflow profile namespace (multi-user installations; default: $KFP_NAMESPACE)")
+    parser.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token for the endpoint (default: $KFP_TOKEN)")
+    parser.add_argument("--cookies", default=os.environ.get("KFP_COOKIES"), help="cookie header for the endpoint, e.g. authservice_session=... (default: $KFP_COOKIES)")
+    parser.add_argument("--service-account", default=None, help="the run's Kubernetes service account (default: the profile's default-editor)")
+    parser.add_argument("--caching", choices=["on", "off", "pipeline"], default="pipeline",
+                        help="reuse steps of earlier runs with the same inputs (default: as compiled, which is on)")
+    parser.add_argument("--pipeline-root", default=None, help="where the run's artifacts go (default: the installation's, e.g. minio://mlpipeline/v2/artifacts)")
     parser.add_argument("--list", action="store_true", help="print the pipeline's parameters with their defaults and exit")
     parser.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it succeeds")
     args = parser.parse_args(argv)
@@ -82,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:22} {spec['parameterType'].lower().replace('number_', ''):8} default {json.dumps(default)}")
             return 0
         arguments = parse_arguments(args.arguments, parameters)
+        check_backend(args.pipeline, parameters, arguments)
         if not args.host:
             raise UsageError("no Kubeflow Pipelines endpoint: pass --host URL or set KFP_HOST")
     except UsageError as error:
@@ -91,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     import kfp
 
     try:
-        client = kfp.Client(host=args.host, namespace=args.namespace or "kubeflow")
+        client = kfp.Client(host=args.host, namespace=args.namespace or "kubeflow", **credentials(args))
         run = client.create_run_from_pipeline_package(
             args.pipeline, arguments=arguments, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace, service_account=args.service_account,
+            namespace=args.namespace, service_account=args.service_account, pipeline_root=args.pipeline_root,
+            enable_caching={"on": True, "off": False}.get(args.caching),
         )
     except Exception as error:  # connection refused, 401/403, a rejected spec: kfp raises many kinds
         print(f"submit: the endpoint {args.host} did not take the run: {type(error).__name__}: {error}", file=sys.stderr)

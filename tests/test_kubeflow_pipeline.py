@@ -11,7 +11,7 @@ from kfp import compiler, components, dsl
 
 from components.common import DEFAULT_IMAGE, cli_options, confusion_matrix, flatten
 from pipelines.compile import PIPELINE_FILE, compile_pipeline, stale_files
-from pipelines.submit import UsageError, parse_arguments, pipeline_parameters
+from pipelines.submit import UsageError, check_backend, parse_arguments, pipeline_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["prepare", "pretrain", "linear_eval", "finetune", "transfer"]
@@ -84,13 +84,54 @@ def test_compiled_pipeline_chains_the_five_steps():
     for knob in ("epochs", "batch_size", "temperature", "backend", "num_nodes", "procs_per_node", "gpus_per_node", "image", "pvc_name", "timeout_s"):
         assert pretrain["inputs"]["parameters"][knob]["componentInputParameter"] == knob
     assert pretrain["inputs"]["parameters"]["settings"]["componentInputParameter"] == "pretrain_settings"
-    assert pretrain["inputs"]["parameters"]["job_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"  # retries resume
+    assert "job_name" not in pretrain["inputs"]["parameters"]  # the run is read from the pod, not an input
     assert pretrain["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["finetune"]["inputs"]["parameters"]["label_fractions"]["componentInputParameter"] == "label_fractions"
-    # the step and the PyTorchJob's pods share the PVC
-    mounts = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain"]["pvcMount"]
-    assert mounts[0]["mountPath"] == "/mnt/simclr"
-    assert mounts[0]["pvcNameParameter"]["componentInputParameter"] == "pvc_name"
+    # the step and the PyTorchJob's pods share the PVC; the prepare steps mount it for sources there
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for executor in ("exec-pretrain", "exec-prepare", "exec-prepare-2"):
+        assert executors[executor]["pvcMount"] == [{"componentInputParameter": "pvc_name", "mountPath": "/mnt/simclr"}]
+    assert pretrain["inputs"]["parameters"]["pvc_mount_path"]["runtimeValue"]["constant"] == "/mnt/simclr"
+
+
+# Placeholders whose value differs from run to run (kfp.dsl's pipeline-job and task ids/times).
+RUN_PLACEHOLDERS = {
+    getattr(dsl, name): name for name in dir(dsl)
+    if name.endswith("_PLACEHOLDER") and any(word in name for word in ("JOB", "TASK_ID", "TIME"))
+}
+
+
+def _resolved_inputs(spec: dict, run: int) -> dict[str, dict]:
+    """Every task's parameter inputs as a backend resolves them for run number ``run``, with
+    the same run arguments (the defaults): what KFP's cache key is computed from."""
+    defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    context = {placeholder: f"{name.lower()}-of-run-{run}" for placeholder, name in RUN_PLACEHOLDERS.items()}
+    resolved = {}
+    for task_name, task in spec["root"]["dag"]["tasks"].items():
+        values = {}
+        for name, given in task["inputs"].get("parameters", {}).items():
+            if "componentInputParameter" in given:
+                values[name] = defaults[given["componentInputParameter"]]
+            else:
+                text = json.dumps(given.get("runtimeValue", given))
+                for placeholder, value in context.items():
+                    text = text.replace(placeholder, value)
+                values[name] = json.loads(text)
+        resolved[task_name] = values
+    return resolved
+
+
+def test_two_runs_with_the_same_arguments_give_every_task_the_same_inputs(tmp_path):
+    """So that KFP's cache (its key includes the resolved inputs) reuses steps across runs."""
+    assert "{{$.pipeline_job_uuid}}" in RUN_PLACEHOLDERS
+    for path in (PIPELINE_FILE, compile_pipeline(tmp_path / "old.yaml", kfp_backend="2.3"), compile_pipeline(tmp_path / "n.yaml", mount_pvc=False)):
+        spec, _ = _load_spec(path)
+        first, second = _resolved_inputs(spec, 1), _resolved_inputs(spec, 2)
+        assert first == second, {task: first[task] for task in first if first[task] != second[task]}
+    # the check can fail: a task input that names the run differs between two runs
+    spec, _ = _load_spec(PIPELINE_FILE)
+    spec["root"]["dag"]["tasks"]["pretrain"]["inputs"]["parameters"]["job_name"] = {"runtimeValue": {"constant": dsl.PIPELINE_JOB_ID_PLACEHOLDER}}
+    assert _resolved_inputs(spec, 1)["pretrain"] != _resolved_inputs(spec, 2)["pretrain"]
 
 
 def test_pipeline_exposes_the_run_knobs_with_defaults():
@@ -99,8 +140,24 @@ def test_pipeline_exposes_the_run_knobs_with_defaults():
     assert defaults["source"] == "fashion-mnist" and defaults["transfer_source"] == "digits"
     assert defaults["image"] == DEFAULT_IMAGE and defaults["backend"] == "pytorchjob"
     assert defaults["num_nodes"] == 2 and defaults["label_fractions"] == [0.01, 0.1]
-    for knob in ("source_uri", "epochs", "batch_size", "temperature", "procs_per_node", "gpus_per_node", "pvc_name"):
+    for knob in ("source_uri", "download", "epochs", "batch_size", "temperature", "procs_per_node", "gpus_per_node", "pvc_name",
+                 "keep_run_dir", "trainer_service_account", "trainer_shm_size", "eval_gpus", "eval_memory_limit", "prepare_cpu_request"):
         assert knob in parameters
+    assert defaults["trainer_service_account"] == "simclr-trainer" and defaults["download"] is False
+    assert parameters["epochs"]["description"] == "pretraining epochs"  # the UI shows each parameter's description
+
+
+def test_a_pipeline_without_pvc_defaults_to_the_local_backend_and_submit_refuses_pytorchjob(tmp_path):
+    path = compile_pipeline(tmp_path / "no_pvc.yaml", mount_pvc=False)
+    spec, platform = _load_spec(path)
+    assert platform == {}  # nothing that would keep a pod Pending for a missing PVC
+    defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["backend"] == "local"
+    parameters = pipeline_parameters(path)
+    check_backend(path, parameters, {})  # the default is fine
+    with pytest.raises(UsageError, match="backend=pytorchjob needs the PVC"):
+        check_backend(path, parameters, {"backend": "pytorchjob"})
+    check_backend(PIPELINE_FILE, pipeline_parameters(PIPELINE_FILE), {"backend": "pytorchjob"})
 
 
 def test_compile_with_another_image_puts_it_on_every_step(tmp_path):
@@ -183,7 +240,7 @@ from pipelines.simclr_pipeline import simclr_pipeline
 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={str(tmp_path / 'root')!r})
 simclr_pipeline(
     source="digits", transfer_source="digits", label_fractions=[0.1], epochs=1, batch_size=64, backend="local",
-    num_nodes=1, procs_per_node=1,
+    procs_per_node=1,
     pretrain_settings={{"width_multiplier": 0.125, "knn_bank_size": 200, "warmup_epochs": 0, "num_threads": 1}},
     linear_eval_settings={{"l2_grid": [1e-3], "max_iter": 20}},
     finetune_settings={{"epochs": 1, "min_steps": 2}},
@@ -209,3 +266,91 @@ simclr_pipeline(
     assert 0 <= metadata("transfer", "metrics")["linear_top1"] <= 1
     report = next((tmp_path / "root").rglob("pretrain/report"))
     assert "data:image/png;base64," in report.read_text()
+
+
+class StubPipelinesAPI:
+    """A stand-in for the KFP API server's v2beta1 REST endpoints that kfp.Client calls to
+    create a run: it records each request (method, path, headers, JSON body) and answers."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"null")
+                stub.requests.append({"method": self.command, "path": self.path, "body": body,
+                                      "headers": {k.lower(): v for k, v in self.headers.items()}})
+                if self.path.startswith("/apis/v2beta1/experiments"):
+                    answer = {"experiments": [{"experiment_id": "exp-1", "display_name": "simclr"}], "total_size": 1}
+                elif self.path.startswith("/apis/v2beta1/runs"):
+                    answer = {"run_id": "run-1", "display_name": "r", "state": "PENDING"}
+                else:
+                    answer = {}
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def run_request(self) -> dict:
+        (request,) = [r for r in self.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs")]
+        return request
+
+
+@pytest.fixture
+def pipelines_api():
+    stub = StubPipelinesAPI()
+    yield stub
+    stub.server.shutdown()
+
+
+def _submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {"PATH": "/usr/bin:/bin", "KF_PIPELINES_SA_TOKEN_PATH": "/nonexistent", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipelines.submit", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=environment)
+
+
+def test_submit_sends_the_token_namespace_caching_and_pipeline_root(pipelines_api):
+    result = _submit("--host", pipelines_api.url, "--token", "t0ken", "--namespace", "team-a", "--caching", "off",
+                     "--pipeline-root", "s3://bucket/roots", "epochs=3", "backend=local")
+    assert result.returncode == 0, result.stderr
+    assert "submitted run run-1" in result.stdout
+    assert all(r["headers"].get("authorization") == "Bearer t0ken" for r in pipelines_api.requests)
+    assert "namespace=team-a" in pipelines_api.requests[0]["path"]
+    run = pipelines_api.run_request()["body"]
+    assert run["runtime_config"]["parameters"] == {"epochs": 3, "backend": "local"}
+    assert run["runtime_config"]["pipeline_root"] == "s3://bucket/roots"
+    assert run.get("service_account", "") == ""  # the profile's default-editor
+    # the pipeline spec and the platform spec (the PVC mounts) travel together
+    assert "exec-pretrain" in run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = run["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+    assert tasks and all(task["cachingOptions"].get("enableCache") is not True for task in tasks.values())
+
+
+def test_submit_keeps_the_pipelines_caching_and_takes_credentials_from_the_environment(pipelines_api, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("projected-token")
+    result = _submit("--host", pipelines_api.url, env={"KF_PIPELINES_SA_TOKEN_PATH": str(token)})
+    assert result.returncode == 0, result.stderr
+    assert pipelines_api.requests[0]["headers"].get("authorization") == "Bearer projected-token"  # a Kubeflow notebook's token
+    tasks = pipelines_api.run_request()["body"]["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+    assert all(task["cachingOptions"]["enableCache"] is True for task in tasks.values())
+    pipelines_api.requests.clear()
+    result = _submit("--host", pipelines_api.url, env={"KFP_COOKIES": "authservice_session=abc"})
+    assert result.returncode == 0, result.stderr
+    assert pipelines_api.requests[0]["headers"].get("cookie") == "authservice_session=abc"
