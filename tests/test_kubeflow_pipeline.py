@@ -354,3 +354,28 @@ def test_submit_keeps_the_pipelines_caching_and_takes_credentials_from_the_envir
     result = _submit("--host", pipelines_api.url, env={"KFP_COOKIES": "authservice_session=abc"})
     assert result.returncode == 0, result.stderr
     assert pipelines_api.requests[0]["headers"].get("cookie") == "authservice_session=abc"
+
+
+def test_the_prepare_step_reads_a_source_on_the_volume(tiny_folder, tmp_path):
+    """``source_uri=/mnt/simclr/...``: the compiled prepare steps mount the PVC there, and the
+    step reads an image folder from a path (here one standing for the mount) with kfp.local."""
+    spec, platform = _load_spec(PIPELINE_FILE)
+    mount = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-prepare"]["pvcMount"][0]
+    assert mount["mountPath"] == "/mnt/simclr"
+    volume = tmp_path / "mnt" / "simclr"
+    (volume / "images").parent.mkdir(parents=True)
+    __import__("shutil").copytree(tiny_folder, volume / "images")
+    script = f"""
+import json
+from kfp import local
+from components.prepare.component import prepare
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={str(tmp_path / 'root')!r})
+task = prepare(source="imagefolder", source_root={str(volume / 'images')!r}, label_fractions=[0.5], val_fraction=0.25)
+print("METADATA", json.dumps(task.outputs["dataset"].metadata))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metadata = json.loads(result.stdout.split("METADATA ", 1)[1].splitlines()[0])
+    assert metadata["source"] == "imagefolder" and metadata["test_images"] == 18
+    assert metadata["train_images"] + metadata["val_images"] == 72

@@ -614,3 +614,24 @@ def test_a_volume_the_step_may_not_write_says_what_to_set():
     assert "as uid 10001" in result.stdout and "belongs to uid 0" in result.stdout and "fsGroup" in result.stdout
     assert list(volume.iterdir()) == []
     volume.rmdir()
+
+
+def test_a_finished_run_is_collected_into_the_artifact_and_its_directory_removed(tmp_path):
+    from components.launcher import collect_from_volume
+
+    def finished_run(name: str) -> Path:
+        stage = tmp_path / "volume" / "pipeline-runs" / name
+        (stage / "pretrain" / "live").mkdir(parents=True)
+        (stage / "pretrain" / "model.pt").write_bytes(b"weights")
+        (stage / "pretrain" / "live" / "metrics.json").write_text('{"epoch": 2}')
+        (stage / "data").mkdir()
+        return stage
+
+    stage = finished_run("run-a")
+    collect_from_volume(str(stage), str(tmp_path / "model"), log=lambda line: None)
+    assert (tmp_path / "model" / "model.pt").read_bytes() == b"weights"
+    assert (tmp_path / "model" / "live" / "metrics.json").read_text() == '{"epoch": 2}'
+    assert not stage.exists()
+    kept = finished_run("run-b")
+    collect_from_volume(str(kept), str(tmp_path / "model-b"), keep=True, log=lambda line: None)
+    assert (kept / "pretrain" / "model.pt").exists() and (tmp_path / "model-b" / "model.pt").exists()

@@ -31,7 +31,7 @@ from components.launcher.core import (
 from components.launcher.local import LocalBackend, local_command
 from components.launcher.pytorchjob import PyTorchJobBackend, build_pytorchjob, container_command, load_api_client
 from components.launcher.run_identity import pipeline_run_id
-from components.launcher.volume import stage_on_volume
+from components.launcher.volume import collect_from_volume, stage_on_volume
 
 __all__ = [
     "PretrainJob",
@@ -51,4 +51,5 @@ __all__ = [
     "load_api_client",
     "pipeline_run_id",
     "stage_on_volume",
+    "collect_from_volume",
 ]

@@ -14,13 +14,14 @@ before it copies anything, and says what to set when it cannot.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 
 from components.common import copy_tree
 from components.launcher.core import LaunchError, Log
 
-__all__ = ["RUNS_DIR", "stage_on_volume", "check_writable"]
+__all__ = ["RUNS_DIR", "stage_on_volume", "collect_from_volume", "check_writable"]
 
 RUNS_DIR = "pipeline-runs"
 
@@ -73,3 +74,21 @@ def stage_on_volume(dataset_dir: str, pvc_name: str, mount_path: str, job_name: 
     copy_tree(dataset_dir, data_dir + ".partial")
     os.replace(data_dir + ".partial", data_dir)
     return stage
+
+
+def collect_from_volume(stage: str, model_dir: str, keep: bool = False, log: Log = print) -> None:
+    """Copy the finished run's ``model.pt`` and ``live/`` from ``stage/pretrain`` into
+    ``model_dir`` (the step's Model artifact), then delete ``stage`` unless ``keep``.
+
+    Only a successful step deletes: a failed run keeps its checkpoints for the UI's Retry,
+    which reruns the step under the same run id and resumes from them.
+    """
+    run_dir = os.path.join(stage, "pretrain")
+    os.makedirs(model_dir, exist_ok=True)
+    shutil.copy2(os.path.join(run_dir, "model.pt"), os.path.join(model_dir, "model.pt"))
+    copy_tree(os.path.join(run_dir, "live"), os.path.join(model_dir, "live"))
+    if keep:
+        log(f"pretrain: kept {stage} (keep_run_dir)")
+        return
+    shutil.rmtree(stage, ignore_errors=True)
+    log(f"pretrain: removed {stage} (the model is in the artifact; keep_run_dir=true keeps it)")

@@ -56,8 +56,8 @@ def pretrain(
     import shutil
     import tempfile
 
-    from components.common import DEFAULT_IMAGE, cli_options, copy_tree, log_metrics, read_json, run_simclr
-    from components.launcher import PretrainJob, job_name_for, launch, pipeline_run_id, stage_on_volume
+    from components.common import DEFAULT_IMAGE, cli_options, log_metrics, read_json, run_simclr
+    from components.launcher import PretrainJob, collect_from_volume, job_name_for, launch, pipeline_run_id, stage_on_volume
 
     options = cli_options(settings, epochs=epochs, batch_size=batch_size, temperature=temperature)
     stage = ""
@@ -79,13 +79,8 @@ def pretrain(
         pvc_name=pvc_name if stage else "", pvc_mount_path=pvc_mount_path,
     )
     launch(job, backend=backend, timeout_s=timeout_s, log=print)
-    if run_dir != model.path:  # bring the result from the PVC into the artifact
-        os.makedirs(model.path, exist_ok=True)
-        shutil.copy2(os.path.join(run_dir, "model.pt"), os.path.join(model.path, "model.pt"))
-        copy_tree(os.path.join(run_dir, "live"), os.path.join(model.path, "live"))
-        if not keep_run_dir:
-            shutil.rmtree(stage, ignore_errors=True)
-            print(f"pretrain: removed {stage} (the model is in the artifact; keep_run_dir=true keeps it)", flush=True)
+    if stage:  # bring the result from the PVC into the artifact
+        collect_from_volume(stage, model.path, keep=keep_run_dir, log=print)
 
     with tempfile.TemporaryDirectory() as scratch:
         run_simclr(["report", "--run", model.path, "--data", data.path, "--out", scratch])
