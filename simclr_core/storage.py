@@ -217,12 +217,38 @@ def _retry_seconds() -> float:
         raise StorageError(f"{_RETRY_SECONDS_ENV}={value!r}: expected a number of seconds") from None
 
 
-class GCSStore(Store):
+class _BucketStore(Store):
+    """What the object stores share: ``scheme://bucket/prefix`` addressing and a scratch directory."""
+
+    def __init__(self, uri: str) -> None:
+        scheme, self.bucket_name, self.prefix = split_uri(uri)
+        self.root = f"{scheme}{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
+        self._scratch: Path | None = None
+
+    def _name(self, key: str) -> str:
+        """The object name of ``key``."""
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _list_start(self, prefix: str) -> str:
+        start = self._name(prefix).rstrip("/")
+        return f"{start}/" if start else ""
+
+    def _keys(self, names: list[str]) -> list[str]:
+        """Object names -> keys relative to the root (directory placeholders dropped), sorted."""
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(name[cut:] for name in names if not name.endswith("/"))
+
+    def scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="simclr-upload-"))
+        return self._scratch
+
+
+class GCSStore(_BucketStore):
     """Objects under ``gs://bucket/prefix`` through google-cloud-storage, with retries."""
 
     def __init__(self, uri: str) -> None:
-        self.bucket_name, self.prefix = split_gs_uri(uri)
-        self.root = f"{GS_PREFIX}{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
+        super().__init__(uri)
         from google.api_core.retry import Retry
         from google.cloud.storage.retry import DEFAULT_RETRY
 
@@ -230,10 +256,6 @@ class GCSStore(Store):
         self._retry: Retry = DEFAULT_RETRY.with_timeout(seconds) if hasattr(DEFAULT_RETRY, "with_timeout") else DEFAULT_RETRY.with_deadline(seconds)
         self._timeout = (10, 120)  # (connect, read) seconds per request
         self._bucket = _client().bucket(self.bucket_name)
-        self._scratch: Path | None = None
-
-    def _name(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -291,13 +313,9 @@ class GCSStore(Store):
         os.replace(partial, local_path)
 
     def list(self, prefix: str = "") -> list[str]:
-        start = self._name(prefix).rstrip("/")
-        start = f"{start}/" if start else ""
         with self._errors(self.uri(prefix)):
-            blobs = self._bucket.client.list_blobs(self._bucket, prefix=start, retry=self._retry, timeout=self._timeout)
-            names = [blob.name for blob in blobs]
-        cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(name[cut:] for name in names if not name.endswith("/"))
+            blobs = self._bucket.client.list_blobs(self._bucket, prefix=self._list_start(prefix), retry=self._retry, timeout=self._timeout)
+            return self._keys([blob.name for blob in blobs])
 
     def delete(self, key: str) -> None:
         from google.api_core import exceptions as gexc
@@ -307,11 +325,6 @@ class GCSStore(Store):
                 self._bucket.blob(self._name(key)).delete(retry=self._retry, timeout=self._timeout)
             except gexc.NotFound:
                 pass
-
-    def scratch_dir(self) -> Path:
-        if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="simclr-upload-"))
-        return self._scratch
 
 
 def _short(error: BaseException) -> str:
@@ -340,17 +353,12 @@ def _client():
     return _CLIENT
 
 
-class S3Store(Store):
+class S3Store(_BucketStore):
     """Objects under ``s3://bucket/prefix`` through boto3 (AWS S3 or an S3-compatible server)."""
 
     def __init__(self, uri: str) -> None:
-        _, self.bucket_name, self.prefix = split_uri(uri)
-        self.root = f"{S3_PREFIX}{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
+        super().__init__(uri)
         self._client = _s3_client()
-        self._scratch: Path | None = None
-
-    def _name(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -420,23 +428,15 @@ class S3Store(Store):
         os.replace(partial, local_path)
 
     def list(self, prefix: str = "") -> list[str]:
-        start = self._name(prefix).rstrip("/")
-        start = f"{start}/" if start else ""
         names: list[str] = []
         with self._errors(self.uri(prefix)):
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket_name, Prefix=start):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket_name, Prefix=self._list_start(prefix)):
                 names += [item["Key"] for item in page.get("Contents", [])]
-        cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(name[cut:] for name in names if not name.endswith("/"))
+        return self._keys(names)
 
     def delete(self, key: str) -> None:
         with self._errors(self.uri(key)):
             self._client.delete_object(Bucket=self.bucket_name, Key=self._name(key))  # no error when absent
-
-    def scratch_dir(self) -> Path:
-        if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="simclr-upload-"))
-        return self._scratch
 
 
 _S3_ATTEMPTS_ENV = "SIMCLR_S3_MAX_ATTEMPTS"

@@ -26,7 +26,6 @@ from kfp import compiler
 from kfp.kubernetes import kubernetes_executor_config_pb2
 
 from pipelines.compile import PIPELINE_FILE, compile_pipeline
-from pipelines.simclr_pipeline import build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ROOT / ".venv-tools" / "protos"
