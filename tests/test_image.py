@@ -267,3 +267,34 @@ def test_image_holds_the_package_and_nothing_of_the_repository(image):
     command = f"find / -xdev \\( -path /tmp -o -path {site} \\) -prune -o \\( {expression} \\) -print"
     found = image.run("sh", "-c", command, user="0:0").stdout  # root: it reads every directory
     assert not found.strip(), found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT + 900)
+def test_image_runs_the_pipelines_prepare_step_with_its_default_parameters(image):
+    """What a cluster runs when a user uploads the pipeline and clicks Run with its defaults:
+    the compiled prepare step's command, with the pipeline's default parameter values, in the
+    image (no source_uri: the image's own Fashion-MNIST, no internet)."""
+    from pipelines.compile import PIPELINE_FILE
+
+    spec = next(yaml.safe_load_all(PIPELINE_FILE.read_text()))
+    defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
+    task = spec["root"]["dag"]["tasks"]["prepare"]
+    values = {}
+    for name, given in task["inputs"]["parameters"].items():
+        values[name] = defaults[given["componentInputParameter"]] if "componentInputParameter" in given else given["runtimeValue"]["constant"]
+    assert values["source"] == "fashion-mnist" and values["source_root"] == ""
+    container = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-")]["container"]
+    executor_input = {
+        "inputs": {"parameterValues": values},
+        "outputs": {
+            "artifacts": {"dataset": {"artifacts": [{"type": {"schemaTitle": "system.Dataset"}, "uri": "/tmp/kfp/dataset"}]}},
+            "outputFile": "/tmp/kfp/executor_output.json",
+        },
+    }
+    argv = container["command"] + [a.replace("{{$}}", json.dumps(executor_input)) for a in container["args"]]
+    image.run(*argv)
+    manifest = json.loads(image.run("cat", "/tmp/kfp/dataset/manifest.json").stdout)
+    assert manifest["source"] == "fashion-mnist"
+    assert sum(manifest["splits"][split]["images"] for split in ("train", "val")) == 60000
+    assert manifest["splits"]["test"]["images"] == 10000
