@@ -241,7 +241,7 @@ local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={str(tmp
 simclr_pipeline(
     source="digits", transfer_source="digits", label_fractions=[0.1], epochs=1, batch_size=64, backend="local",
     procs_per_node=1,
-    pretrain_settings={{"width_multiplier": 0.125, "knn_bank_size": 200, "warmup_epochs": 0, "num_threads": 1}},
+    pretrain_settings={{"width_multiplier": 0.125, "knn_bank_size": 200, "warmup_epochs": 0, "num_threads": 1, "precision": "fp32"}},
     linear_eval_settings={{"l2_grid": [1e-3], "max_iter": 20}},
     finetune_settings={{"epochs": 1, "min_steps": 2}},
     transfer_settings={{"finetune_epochs": 1, "max_iter": 20, "l2_grid": [1e-3]}},
