@@ -7,7 +7,6 @@ PyTorchJob pod restarted with restartPolicy OnFailure would run it.
 
 from __future__ import annotations
 
-import random
 import signal
 import subprocess
 from pathlib import Path
@@ -24,7 +23,6 @@ from tests.multiproc import free_port
 # 2, 3, 4, 6, 8, 9 (every 2 steps and at each epoch end).
 SETTINGS = [*TINY_PRETRAIN, "--epochs", "3", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
 TOTAL_STEPS = 9
-UNSAVED_STEPS = (1, 5, 7)  # steps after which no checkpoint is written: a kill there loses work
 
 
 def _cli_args(data: Path, out: Path) -> list[str]:
@@ -55,8 +53,12 @@ def uninterrupted(tiny_prepared, tmp_path_factory) -> dict[str, torch.Tensor]:
     return _weights(out)
 
 
+# Every kill point on every run (an audit found that a random choice among the unsaved steps
+# left resume untested in about a third of the runs).
 KILL_POINTS = {
-    "mid-epoch": ("kill-before-step", random.choice(UNSAVED_STEPS)),
+    "before-the-first-checkpoint": ("kill-before-step", 1),
+    "mid-epoch-2": ("kill-before-step", 5),
+    "mid-epoch-3": ("kill-before-step", 7),
     "right-after-checkpoint": ("kill-after-checkpoint", 4),
     "during-checkpoint-write": ("kill-during-checkpoint", 6),
     "before-latest-pointer": ("kill-before-pointer", 8),
@@ -71,7 +73,7 @@ def test_sigkill_then_restart_is_bit_identical(tiny_prepared, tmp_path, uninterr
     assert killed.returncode == -signal.SIGKILL, f"{fault}: expected a SIGKILL, got {killed.returncode}\n{killed.stderr[-2000:]}"
     assert not (run / "model.pt").exists()
     latest = CheckpointManager(LocalStore(run)).load_latest()  # None when killed before the first save
-    assert latest is not None or fault == ("kill-before-step", 1), f"no good checkpoint survived {fault}"
+    assert (latest is None) == (point == "before-the-first-checkpoint"), f"{fault}: latest checkpoint {latest and latest[1]}"
 
     restarted = _run(tiny_prepared, run)
     assert restarted.returncode == 0, restarted.stderr
@@ -138,7 +140,7 @@ def test_two_processes_one_killed_job_restarted_is_bit_identical(tiny_prepared, 
     assert all(code == 0 for code, _ in outcomes), outcomes
 
     run = tmp_path / "run"
-    step = random.choice(UNSAVED_STEPS)
+    step = 5  # after the checkpoint of step 4: the restart resumes and must redo step 5
     rank0, rank1 = _launch_job(tiny_prepared, run, ("kill-before-step", step), free_port())
     (code, stderr), = _finish([rank1])
     assert code == -signal.SIGKILL, stderr
