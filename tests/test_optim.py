@@ -44,9 +44,11 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
 @pytest.mark.parametrize("steps", [1, 4])
 def test_lars_matches_update_rule_by_hand(steps):
     model = _small_model()
-    groups = lars_param_groups(model, weight_decay=WD)
-    adapted_ids = {id(p) for p in groups[0]["params"]}
-    optimizer = LARS(groups, lr=LR, momentum=MOMENTUM, eta=ETA)
+    # The reference decides by itself what is adapted: the weights of linear and convolution
+    # layers; BN parameters and biases are not (not taken from lars_param_groups, the code under test).
+    adapted_names = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+    assert adapted_names == {"0.weight", "3.weight"}
+    optimizer = LARS(lars_param_groups(model, weight_decay=WD), lr=LR, momentum=MOMENTUM, eta=ETA)
     expected = {name: p.detach().double().clone() for name, p in model.named_parameters()}
     velocity = {name: torch.zeros_like(w) for name, w in expected.items()}
 
@@ -57,7 +59,7 @@ def test_lars_matches_update_rule_by_hand(steps):
             # The hand rule starts from the parameters LARS produced so far (checked below),
             # so each step's check is independent of accumulated float differences.
             expected[name], velocity[name] = _hand_lars_step(
-                param.detach(), param.grad, velocity[name], id(param) in adapted_ids, LR
+                param.detach(), param.grad, velocity[name], name in adapted_names, LR
             )
         optimizer.step()
         for name, param in model.named_parameters():
