@@ -635,3 +635,26 @@ def test_a_finished_run_is_collected_into_the_artifact_and_its_directory_removed
     kept = finished_run("run-b")
     collect_from_volume(str(kept), str(tmp_path / "model-b"), keep=True, log=lambda line: None)
     assert (kept / "pretrain" / "model.pt").exists() and (tmp_path / "model-b" / "model.pt").exists()
+
+
+def test_the_launchers_trainer_command_runs_as_its_pod_would(tiny_prepared, tmp_path):
+    """The container the launcher builds, run as the operator runs a pod: its command, its env,
+    the rendezvous variables and the PVC mount (here a local directory), two processes."""
+    import shutil
+
+    from simclr_core.checkpoint import load_checkpoint
+    from tests.multiproc import free_port
+    from tests.pods import run_like_a_pod
+
+    volume = tmp_path / "volume"
+    shutil.copytree(tiny_prepared, volume / "data")
+    job = _job(simclr_args=["--data", "/mnt/simclr/data", "--out", "/mnt/simclr/run"], procs_per_node=2, gpus_per_node=0)
+    obj = build_pytorchjob(job, NAMESPACE)
+    (container,) = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    result = run_like_a_pod(container, int(obj["spec"]["nprocPerNode"]), {"/mnt/simclr": volume, "/tmp": tmp},
+                            [*TINY_PRETRAIN, "--epochs", "1", "--metrics-port", str(free_port())])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr
+    assert load_checkpoint(volume / "run" / "model.pt")["step"] == 3
