@@ -58,6 +58,10 @@ MUTATIONS = (
     Mutation("resume-without-optimizer", "resume without the optimizer's state", "simclr_core/train.py",
              '        optimizer.load_state_dict(state["optimizer"])\n', "        pass  # mutation\n",
              ("tests/test_pretrain_resume.py",)),
+    Mutation("stale-shard-after-epoch-1", "ranks other than 0 keep the first epoch's shuffle", "simclr_core/train.py",
+             "generator=seeded_generator(config.seed, 1, epoch)).numpy()",
+             "generator=seeded_generator(config.seed, 1, epoch if rank == 0 else 0)).numpy()",
+             ("tests/test_pretrain_resume.py", "-k", "processes")),
     Mutation("weights-only-off", "checkpoints loaded with weights_only=False", "simclr_core/checkpoint.py",
              "map_location=map_location, weights_only=True)", "map_location=map_location, weights_only=False)",
              ("tests/test_checkpoint.py",)),
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     known = {m.name: m for m in MUTATIONS}
     if args.list:
         for mutation in MUTATIONS:
-            print(f"{mutation.name:32} {mutation.what}  [{', '.join(mutation.tests)}]")
+            print(f"{mutation.name:32} {mutation.what}  [{' '.join(mutation.tests)}]")
         return 0
     unknown = [name for name in args.names if name not in known]
     if unknown:
