@@ -37,7 +37,7 @@ class Mutation:
 MUTATIONS = (
     Mutation("eval-ignores-weights", "evaluation never loads the pretrained weights", "simclr_core/evaluate.py",
              "    model.load_state_dict(weights)\n", "    pass  # mutation\n",
-             ("tests/test_evaluation_weights.py",)),
+             ("tests/test_evaluation_weights.py", "tests/test_stages.py", "-k", "weights or beats")),
     Mutation("crop-flip-only-pretraining", "pretraining with the crop + flip only policy", "simclr_core/train.py",
              "    return dataclasses.replace(policy, crop_scale=(config.crop_min_scale, 1.0))\n",
              "    return AugmentConfig.crop_flip_only(image_size)  # mutation\n",

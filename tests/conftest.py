@@ -69,6 +69,51 @@ def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 24, te
     return root
 
 
+def _texture_image(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Horizontal stripes (0), vertical stripes (1) or a checkerboard (2) of a random period and
+    phase, in two random colours, with noise: classes differ in shape, not in colour statistics."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    period = int(rng.integers(3, 6))
+    phase = int(rng.integers(0, period))
+    rows, columns = (ys + phase) // (period / 2) % 2, (xs + phase) // (period / 2) % 2
+    pattern = (rows, columns, (rows + columns) % 2)[label][..., None]
+    foreground, background = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    image = pattern * foreground + (1 - pattern) * background + rng.normal(0, 10, (size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_texture_folder(root: Path, train_per_class: int, test_per_class: int, seed: int, size: int = 32) -> Path:
+    """root/{train,test}/c<k>/*.png of :func:`_texture_image`: a dataset with a known answer,
+    where contrastive pretraining with colour jitter provably helps. A random-init encoder
+    sees mostly colour; SimCLR learns the colour-invariant shape that separates the classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label in range(3):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                Image.fromarray(_texture_image(label, rng, size)).save(folder / f"{index}.png")
+    return root
+
+
+# Pretraining that learns the textures in about 15 s on 2 cores (240 images, 30 epochs of
+# batch 32). Chosen over seeds 4 to 7: linear eval 72 to 87% against a random-init 37%,
+# fine-tuning on 10% of the labels 61 to 67% against 36% from scratch (lr 0.01), transfer
+# linear 61 to 77% against 32%. At crop_min_scale 0.08 or a larger batch some seeds learned
+# little (48 to 62%).
+OUTCOME_PRETRAIN_SETTINGS = {
+    "arch": "resnet18", "width_multiplier": 0.25, "cifar_stem": "false", "batch_size": 32, "epochs": 30, "warmup_epochs": 2,
+    "temperature": 0.2, "base_lr": 0.5, "lr_scaling": "sqrt", "crop_min_scale": 0.3, "knn_k": 10, "knn_bank_size": 0, "precision": "fp32",
+    "checkpoint_every": 0, "seed": 4, "num_threads": 2,
+}
+OUTCOME_PRETRAIN = [part for name, value in OUTCOME_PRETRAIN_SETTINGS.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+# The evaluations' settings for it (fine-tuning at lr 0.01 keeps what pretraining learnt).
+OUTCOME_FINETUNE_SETTINGS = {"epochs": 10, "min_steps": 30, "batch_size": 32, "lr": 0.01}
+OUTCOME_TRANSFER_SETTINGS = {"finetune_epochs": 10, "batch_size": 12, "finetune_lr": 0.01}
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as handle:

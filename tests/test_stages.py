@@ -226,3 +226,43 @@ def test_evaluation_refuses_a_file_that_is_not_a_checkpoint(tiny_prepared, tmp_p
     result = run_cli("linear-eval", "--model", str(bogus), "--data", str(tiny_prepared), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "model.pt cannot be read" in result.stderr
+
+
+# ------------------------------------------------------------------------------ outcomes
+
+
+def test_pretraining_beats_random_init_in_every_evaluation(tmp_path):
+    """On a dataset with a known answer (conftest.make_texture_folder), the pretrained encoder
+    beats a random-init one by a clear margin in linear eval, fine-tuning and transfer: what
+    users pretrain for, and what fails if an evaluation ignored the pretrained weights."""
+    from components.common import cli_options
+    from tests.conftest import OUTCOME_FINETUNE_SETTINGS, OUTCOME_PRETRAIN, OUTCOME_TRANSFER_SETTINGS, make_texture_folder
+
+    make_texture_folder(tmp_path / "images", train_per_class=100, test_per_class=60, seed=0)
+    make_texture_folder(tmp_path / "other", train_per_class=15, test_per_class=30, seed=1)
+    for source, out, fraction in (("images", "data", "0.1"), ("other", "transfer_data", "0.5")):
+        result = run_cli("prepare", "--source", "imagefolder", "--source-root", str(tmp_path / source), "--val-fraction", "0.2",
+                         "--label-fractions", fraction, "--out", str(tmp_path / out), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    model = tmp_path / "run" / "model.pt"
+    # cwd: a directory without params.yaml, so only these settings and the CLI's defaults apply
+    result = run_cli("pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *OUTCOME_PRETRAIN,
+                     env={"OMP_NUM_THREADS": "2"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = [
+        ("linear-eval", "--data", tmp_path / "data"),
+        ("finetune", "--data", tmp_path / "data", "--label-fractions", "0.1", *cli_options(OUTCOME_FINETUNE_SETTINGS)),
+        ("transfer", "--data", tmp_path / "transfer_data", *cli_options(OUTCOME_TRANSFER_SETTINGS)),
+    ]
+    metrics = {}
+    for command, *args in steps:
+        result = run_cli(command, "--model", str(model), *map(str, args), "--out", str(tmp_path / command), env={"OMP_NUM_THREADS": "2"},
+                         cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        metrics[command] = json.loads((tmp_path / command / "metrics.json").read_text())
+    linear, finetuned, transfer = metrics["linear-eval"], metrics["finetune"]["labels_10pct"], metrics["transfer"]
+    summary = f"linear {linear}, finetune {finetuned}, transfer {transfer}"
+    assert linear["top1"] >= linear["random_init_top1"] + 0.2, summary
+    assert finetuned["top1"] >= finetuned["scratch_top1"] + 0.12, summary
+    assert transfer["linear_top1"] >= transfer["linear_random_init_top1"] + 0.15, summary
+    assert transfer["finetune_top1"] >= transfer["finetune_random_init_top1"] + 0.12, summary
