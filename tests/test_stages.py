@@ -183,9 +183,11 @@ def test_linear_eval_reports_accuracies_baseline_and_confusion(tiny_pretrained, 
     metrics = _metrics(tmp_path)
     for key in ("top1", "top5", "random_init_top1", "random_init_top5"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["top5"] == 1.0  # three classes: the label is always among the top five
     confusion = json.loads((tmp_path / "confusion.json").read_text())
     assert len(confusion) == 18 and set(confusion[0]) == {"actual", "predicted"}
+    # the reported top-1 is the confusion rows' own hit rate (what an accuracy means is tested
+    # by outcome in test_pretraining_beats_random_init_in_every_evaluation)
+    assert metrics["top1"] == pytest.approx(sum(row["actual"] == row["predicted"] for row in confusion) / 18)
 
 
 def test_finetune_reports_each_fraction_with_scratch_baseline(tiny_pretrained, tiny_prepared, tmp_path):
