@@ -98,7 +98,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     with staged_input(args.data) as data:
         # before any rendezvous: a launch that cannot work fails here instead of hanging there
         check_world_size(config, int(world_size) if world_size.isdigit() else 1, len(PreparedDataset(data, verify=False).images("train")))
-        env = init_distributed(device=None if args.device == "auto" else args.device)
+        env = init_distributed(device=None if args.device == "auto" else args.device, timeout_s=config.collective_timeout_s)
         if not env.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         try:

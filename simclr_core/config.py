@@ -97,6 +97,10 @@ class PretrainConfig:
     keep_checkpoints: int = 3  # the last K checkpoints kept (the best by kNN accuracy is kept too)
     metrics_port: int = 0  # Prometheus endpoint on this port + local rank (0 = off)
     metrics_pushgateway: str = ""  # Pushgateway address (host:port) to push to at epoch ends ("" = off)
+    # seconds a collective may wait for the other ranks before this rank fails (a lost peer is
+    # noticed after this long, and the job restarts from its checkpoint); it must outlast what
+    # rank 0 does alone between steps (a checkpoint upload, the epoch's kNN pass)
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "pretrain.epochs", ">= 1", self.epochs)
@@ -116,6 +120,7 @@ class PretrainConfig:
         _check(self.keep_checkpoints >= 1, "pretrain.keep_checkpoints", ">= 1", self.keep_checkpoints)
         _check(self.proj_hidden_dim >= 0, "pretrain.proj_hidden_dim", ">= 0 (0 = the encoder's width)", self.proj_hidden_dim)
         _check(self.proj_out_dim >= 1, "pretrain.proj_out_dim", ">= 1", self.proj_out_dim)
+        _check(self.collective_timeout_s > 0, "pretrain.collective_timeout_s", "> 0", self.collective_timeout_s)
         _check(self.weight_decay >= 0, "pretrain.weight_decay", ">= 0", self.weight_decay)
         _check(0 <= self.momentum < 1, "pretrain.momentum", "in [0, 1)", self.momentum)
         _check(self.seed >= 0, "pretrain.seed", ">= 0", self.seed)

@@ -363,7 +363,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
 # checkpoint written under other values resumes.
 _RESUME_INDEPENDENT = {
     "checkpoint_every", "num_threads", "data_threads", "precision", "knn_k", "knn_temperature", "knn_bank_size",
-    "keep_checkpoints", "metrics_port", "metrics_pushgateway",
+    "keep_checkpoints", "metrics_port", "metrics_pushgateway", "collective_timeout_s",
 }
 
 

@@ -10,7 +10,9 @@ FAULT is one of
   nan-at-step             the loss of step STEP (1-based) becomes NaN
 
 The process kills itself with a real SIGKILL (no cleanup, no atexit, no finally), as a
-preempted node or the OOM killer would. With ``FAULT_RANK`` set, only that rank is faulted.
+preempted node or the OOM killer would. With ``FAULT_RANK`` set, only that rank is faulted;
+with ``FAULT_ATTEMPT`` set, only in that attempt of a torchrun with ``--max-restarts``
+(torchrun's ``TORCHELASTIC_RESTART_COUNT``).
 The production code has no test hooks: the faults are patched in from here.
 """
 
@@ -101,8 +103,10 @@ def main(argv: list[str]) -> int:
     fault, at_step, separator, *cli_args = argv
     if separator != "--":
         raise SystemExit("usage: python -m tests.faults FAULT STEP -- SIMCLR_ARGS...")
-    wanted_rank = os.environ.get("FAULT_RANK")
-    if wanted_rank is None or wanted_rank == os.environ.get("RANK", "0"):
+    wanted_rank, wanted_attempt = os.environ.get("FAULT_RANK"), os.environ.get("FAULT_ATTEMPT")
+    rank_matches = wanted_rank is None or wanted_rank == os.environ.get("RANK", "0")
+    attempt_matches = wanted_attempt is None or wanted_attempt == os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if rank_matches and attempt_matches:
         _install(fault, int(at_step))
     from simclr_core.cli import main as simclr_main
 

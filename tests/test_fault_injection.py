@@ -8,6 +8,7 @@ PyTorchJob pod restarted with restartPolicy OnFailure would run it.
 from __future__ import annotations
 
 import signal
+import sys
 import subprocess
 from pathlib import Path
 
@@ -155,3 +156,25 @@ def test_two_processes_one_killed_job_restarted_is_bit_identical(tiny_prepared, 
     assert all(code == 0 for code, _ in outcomes), outcomes
     assert "resuming from" in outcomes[0][1]
     _assert_identical(_weights(reference), _weights(run), f"rank 1 killed after step {step}")
+
+
+@pytest.mark.multiproc
+def test_torchrun_restarts_the_group_when_one_process_dies_and_the_run_ends_identical(tiny_prepared, tmp_path):
+    """What a pod's torchrun does with ``--max-restarts`` (the launcher and the manifests pass
+    it): rank 1 of 2 is SIGKILLed after step 5 in the first attempt; torchrun stops the
+    survivor, restarts both, they resume from the step-4 checkpoint, and the final weights are
+    bit-identical to an uninterrupted 2-process run's (fp32)."""
+
+    def torchrun(out: Path, fault: list[str], env: dict) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                   "-m", *fault, *_cli_args(tiny_prepared, out)]
+        return subprocess.run(command, env=cli_env(env), capture_output=True, text=True, timeout=600)
+
+    reference = torchrun(tmp_path / "reference", ["simclr_core"], {})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run = tmp_path / "run"
+    result = torchrun(run, ["tests.faults", "kill-before-step", "5", "--"], {"FAULT_RANK": "1", "FAULT_ATTEMPT": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Signals.SIGKILL" in result.stderr or "exitcode: -9" in result.stderr, result.stderr[-3000:]  # the kill happened
+    assert f"at step 4 of {TOTAL_STEPS}" in result.stderr  # ... and the restarted group resumed
+    _assert_identical(_weights(tmp_path / "reference"), _weights(run), "rank 1 killed after step 5, restarted by torchrun")
