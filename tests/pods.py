@@ -1,7 +1,8 @@
 """Run a trainer container's command on this machine the way a PyTorchJob pod runs it.
 
-The Training Operator starts the container's ``command`` (+ ``args``) with the container's
-``env`` and its own rendezvous variables (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+The Training Operator and Trainer v2 start the container's ``command`` (+ ``args``, with
+``$(NAME)`` expanded from the env as the kubelet does) with the container's ``env`` and their
+own rendezvous variables (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
 PET_MASTER_ADDR, PET_MASTER_PORT for torchrun; MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK),
 with the PVC mounted at its mount path. Here the mount path is a local directory (the
 command's paths are rewritten onto it) and the image's PATH is this venv's bin/.
@@ -10,6 +11,7 @@ command's paths are rewritten onto it) and the image's PATH is this venv's bin/.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,12 @@ from pathlib import Path
 from tests.multiproc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's expansion of ``$(NAME)`` in a command from the container's env (a name
+    that is not set stays as written)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda match: env.get(match.group(1), match.group(0)), text)
 
 
 def run_like_a_pod(
@@ -35,7 +43,6 @@ def run_like_a_pod(
                 return str(mounts[mount_path]) + text[len(mount_path):]
         return text
 
-    argv = [local(arg) for arg in [*container["command"], *container.get("args", [])]] + extra_args
     port = str(free_port())
     env = {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin",
@@ -46,4 +53,5 @@ def run_like_a_pod(
         "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port,
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "1", "RANK": "0",
     }
+    argv = [_expand(local(arg), env) for arg in [*container["command"], *container.get("args", [])]] + extra_args
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)

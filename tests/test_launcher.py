@@ -108,7 +108,11 @@ def test_built_pytorchjob_matches_the_crd_schema_and_the_request(pytorchjob_vali
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"
         assert container["image"] == job.image
-        assert container["command"] == ["torchrun", "--no-python", "simclr", "pretrain", "--metrics-port", "9090", *ARGS]
+        assert container["command"] == [
+            "torchrun", "--no-python", "--max-restarts", "3",  # a failed process restarts every pod's, from the checkpoint
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", "$(PET_MASTER_ADDR):$(PET_MASTER_PORT)", "--rdzv-id", job.name,
+            "simclr", "pretrain", "--metrics-port", "9090", *ARGS,
+        ]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
         assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and {"cpu", "memory"} <= set(container["resources"]["limits"])
         env = {e["name"]: e["value"] for e in container["env"]}

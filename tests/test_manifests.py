@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from components.launcher.core import PretrainJob
+from components.launcher.podspec import trainer_command
 from components.launcher.pytorchjob import METRICS_PORT, SCRAPED_LOCAL_RANKS, metrics_port_name
 from tests.tools import failed_checks, run_checkov, skipped_checks, tools_python
 
@@ -70,6 +72,11 @@ def _trainer_command() -> list[str]:
     """The standalone PyTorchJob's trainer command (manifests/pytorchjob.yaml)."""
     (container,) = _one("PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
     return container["command"]
+
+
+def _simclr_args(command: list[str]) -> list[str]:
+    """What a trainer command passes to `simclr pretrain` after the launcher's own --metrics-port."""
+    return command[command.index("pretrain") + 3:]
 
 
 def _option(command: list[str], name: str) -> str:
@@ -392,9 +399,13 @@ def test_pytorchjob_is_a_two_node_torchrun_of_simclr_pretrain():
     template = replicas["Master"]["template"]
     (container,) = template["spec"]["containers"]
     assert container["name"] == "pytorch"  # the Training Operator looks for this name
-    # what the command does is tested by running it (test_the_pytorchjobs_trainer_command_runs_as_its_pod_would)
-    assert container["command"][:4] == ["torchrun", "--no-python", "simclr", "pretrain"] and "args" not in container
-    assert _option(container["command"], "--metrics-port") == str(METRICS_PORT)  # the port the PodMonitor scrapes
+    # what the command does is tested by running it (test_the_pytorchjobs_trainer_command_runs_as_its_pod_would);
+    # here: it is the launcher's trainer command (restarts, rendezvous, metrics port) for the same arguments
+    command = container["command"]
+    launcher_job = PretrainJob(name=job["metadata"]["name"], image=IMAGE, simclr_args=_simclr_args(command))
+    launcher_job.max_restarts = int(_option(command, "--max-restarts"))
+    assert command == trainer_command(launcher_job) and "args" not in container
+    assert _option(command, "--metrics-port") == str(METRICS_PORT)  # the port the PodMonitor scrapes
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts == {"/mnt/simclr": "data", "/dev/shm": "dshm", "/tmp": "tmp"}
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
@@ -462,7 +473,7 @@ def test_the_manifests_cover_the_pods_the_pipelines_launcher_creates():
 
     pvc = _one("PersistentVolumeClaim")["metadata"]["name"]
     job = build_pytorchjob(
-        PretrainJob(name="simclr-run-1", image=IMAGE, simclr_args=_trainer_command()[4:], num_nodes=3, pvc_name=pvc),
+        PretrainJob(name="simclr-run-1", image=IMAGE, simclr_args=_simclr_args(_trainer_command()), num_nodes=3, pvc_name=pvc),
         namespace=_kustomization()["namespace"],
     )
     monitor = _one("PodMonitor")["spec"]

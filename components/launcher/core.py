@@ -63,7 +63,8 @@ class PretrainJob:
         simclr_args: the arguments after ``simclr pretrain``, e.g.
             ``["--data", "/mnt/simclr/data", "--out", "/mnt/simclr/run", "--epochs", "4"]``.
         num_nodes: pods: one Master and ``num_nodes - 1`` Workers.
-        procs_per_node: processes per pod (``nprocPerNode``, ``torchrun --nproc-per-node``).
+        procs_per_node: processes per pod (``nprocPerNode``, ``torchrun --nproc-per-node``)
+            on CPU; with GPUs each pod runs one process per GPU (see ``processes_per_node``).
         gpus_per_node: ``nvidia.com/gpu`` limit of each pod (0: none).
         cpu_request, cpu_limit, memory_request, memory_limit: each pod's resources ("" leaves one out).
         namespace: where the job runs; "" is this pod's own namespace, or "default" off-cluster.
@@ -77,7 +78,14 @@ class PretrainJob:
             this pod (``KFP_POD_NAME`` or ``HOSTNAME``) when running in a cluster.
         run_as_user: the non-root uid (and gid, fsGroup) of the pods: the image's user
             (the Dockerfile's SIMCLR_UID).
-        shm_size: size of the in-memory /dev/shm the DataLoader workers share tensors through.
+        shm_size: size of the in-memory /dev/shm (NCCL's intra-node buffers, tensors shared
+            between threads); "" sizes it by the GPUs: 2Gi, and 2Gi per GPU above one.
+        max_restarts: how often torchrun restarts a pod's processes (and, through the c10d
+            rendezvous, every pod's) after one failed, each time resuming from the checkpoint.
+        queue_name: Kueue LocalQueue (label ``kueue.x-k8s.io/queue-name``); "" for none.
+        priority_class: the pods' PriorityClass ("" for the cluster's default).
+        image_pull_secrets: names of Secrets to pull ``image`` with.
+        runtime_name, runtime_kind: the Trainer v2 runtime a TrainJob references.
     """
 
     name: str
@@ -100,7 +108,13 @@ class PretrainJob:
     backoff_limit: int = 3
     owner_pod: str = ""
     run_as_user: int = 10001
-    shm_size: str = "2Gi"
+    shm_size: str = ""
+    max_restarts: int = 3
+    queue_name: str = ""
+    priority_class: str = ""
+    image_pull_secrets: list[str] = dataclasses.field(default_factory=list)
+    runtime_name: str = "torch-distributed"
+    runtime_kind: str = "ClusterTrainingRuntime"
 
     def __post_init__(self) -> None:
         if not _DNS1035.match(self.name) or len(self.name) > MAX_JOB_NAME_LENGTH:
@@ -115,12 +129,27 @@ class PretrainJob:
             raise ValueError(f"simclr_args must be a list of strings, got {self.simclr_args!r}")
         self.simclr_args = list(self.simclr_args)
         self.env = {str(name): str(value) for name, value in self.env.items()}
-        for field, minimum in (("num_nodes", 1), ("procs_per_node", 1), ("gpus_per_node", 0), ("backoff_limit", 0)):
+        for field, minimum in (("num_nodes", 1), ("procs_per_node", 1), ("gpus_per_node", 0), ("backoff_limit", 0), ("max_restarts", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
         if self.pvc_name and not self.pvc_mount_path.startswith("/"):
             raise ValueError(f"pvc_mount_path must be an absolute path, got {self.pvc_mount_path!r}")
+        if self.gpus_per_node > 0 and self.procs_per_node not in (1, self.gpus_per_node):
+            raise ValueError(
+                f"procs_per_node={self.procs_per_node} with gpus_per_node={self.gpus_per_node}: a pod with GPUs runs "
+                "one process per GPU; leave procs_per_node at 1 or set it to gpus_per_node"
+            )
+        if self.runtime_kind not in ("ClusterTrainingRuntime", "TrainingRuntime"):
+            raise ValueError(f"runtime_kind must be ClusterTrainingRuntime or TrainingRuntime, got {self.runtime_kind!r}")
+        self.image_pull_secrets = [str(name) for name in self.image_pull_secrets]
+        if not self.shm_size:
+            self.shm_size = f"{2 * max(1, self.gpus_per_node)}Gi"
+
+    @property
+    def processes_per_node(self) -> int:
+        """torchrun's processes per pod: one per GPU, else ``procs_per_node``."""
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.procs_per_node
 
 
 def job_name_for(run_id: str, prefix: str = "simclr-pretrain") -> str:

@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from components.launcher.core import Log
-from components.launcher.pytorchjob import API_TIMEOUT_S, load_api_client, resolve_namespace
+from components.launcher.kube import API_TIMEOUT_S, load_api_client, resolve_namespace
 
 __all__ = ["RUN_ID_ENV", "RUN_ID_LABELS", "pipeline_run_id", "in_cluster"]
 
