@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -32,7 +33,9 @@ from components.launcher import (
     job_name_for,
     launch,
 )
-from components.launcher.pytorchjob import GROUP, PLURAL, VERSION
+from components.launcher.kube import JobResource
+from components.launcher.pytorchjob import PYTORCHJOB
+from components.launcher.trainjob import TRAINJOB, TrainJobBackend, build_trainjob
 from tests.conftest import REPO, TINY_PRETRAIN
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
@@ -155,6 +158,88 @@ def test_the_schema_check_catches_a_malformed_job(pytorchjob_validator):
     assert any("nodeSelecter" in error for error in _errors(pytorchjob_validator, broken))
 
 
+@pytest.fixture(scope="module")
+def trainjob_validator() -> jsonschema.Draft7Validator:
+    path = SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
+    assert path.is_file(), f"the TrainJob CRD (Trainer v2.3.0) is missing: {path}"
+    crd = yaml.safe_load(path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def _patched_pod(obj: dict) -> dict:
+    (patch,) = obj["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"  # the torch runtimes' replicated job and container
+    return node["template"]["spec"]["template"]
+
+
+@pytest.mark.parametrize("nodes,gpus,pvc", [(1, 0, ""), (2, 4, "simclr-data"), (4, 1, "simclr-data"), (2, 0, "")])
+def test_built_trainjob_matches_the_v2_3_crd_strictly_and_the_request(trainjob_validator, nodes, gpus, pvc):
+    job = _job(num_nodes=nodes, gpus_per_node=gpus, procs_per_node=gpus or 2, pvc_name=pvc, queue_name="team-a-queue",
+               image_pull_secrets=["registry-credentials"])
+    obj = build_trainjob(job, NAMESPACE, OWNER, timeout_s=3600)
+    assert _errors(trainjob_validator, obj) == []
+    assert (obj["apiVersion"], obj["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    assert obj["metadata"]["ownerReferences"] == [OWNER] and obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    spec = obj["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+    assert spec["activeDeadlineSeconds"] > 3600
+    trainer = spec["trainer"]
+    assert trainer["numNodes"] == nodes and trainer["numProcPerNode"] == (gpus or 2)  # one process per GPU
+    assert trainer["image"] == job.image and trainer["command"][:2] == ["torchrun", "--no-python"]
+    assert not [e for e in trainer["env"] if e["name"].startswith("PET_")]  # Trainer refuses its reserved variables
+    limits = trainer["resourcesPerNode"]["limits"]
+    assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+    pod = _patched_pod(obj)
+    assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    pod_spec = pod["spec"]
+    (container,) = pod_spec["containers"]
+    assert container["name"] == "node"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{2 * max(1, gpus)}Gi"}
+    if pvc:
+        assert volumes[mounts["/mnt/simclr"]]["persistentVolumeClaim"] == {"claimName": pvc}
+    else:
+        assert "/mnt/simclr" not in mounts
+    assert pod_spec["serviceAccountName"] == "pipeline-runner" and pod_spec["tolerations"] == [GPU_TOLERATION]
+    assert pod_spec["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_trainjob_schema_check_catches_what_v2_3_does_not_have(trainjob_validator):
+    obj = build_trainjob(_job(), NAMESPACE)
+    for mutate, field in (
+        (lambda o: o["spec"].__setitem__("podTemplateOverrides", []), "podTemplateOverrides"),  # the v2.0 to v2.2 field
+        (lambda o: _patched_pod(o)["spec"].__setitem__("priorityClassName", "high"), "priorityClassName"),
+        (lambda o: _patched_pod(o)["spec"]["containers"][0].__setitem__("ports", []), "ports"),
+        (lambda o: o["spec"]["trainer"].__setitem__("numProcPerNode", "2"), "numProcPerNode"),
+    ):
+        broken = copy.deepcopy(obj)
+        mutate(broken)
+        assert any(field in error for error in _errors(trainjob_validator, broken)), field
+    with pytest.raises(ValueError, match="cannot set its pods' priorityClassName"):
+        build_trainjob(_job(priority_class="high"), NAMESPACE)
+
+
+def test_pytorchjob_carries_queue_priority_and_pull_secrets(pytorchjob_validator):
+    obj = build_pytorchjob(_job(queue_name="team-a-queue", priority_class="high", image_pull_secrets=["registry-credentials"]), NAMESPACE)
+    assert _errors(pytorchjob_validator, obj) == []
+    assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    assert obj["spec"]["runPolicy"]["schedulingPolicy"] == {"priorityClass": "high"}
+    for replica in obj["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["priorityClassName"] == "high" and pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+
+
+def test_gpus_set_the_processes_per_pod():
+    assert _job(gpus_per_node=4, procs_per_node=1).processes_per_node == 4
+    assert _job(gpus_per_node=0, procs_per_node=3).processes_per_node == 3
+    with pytest.raises(ValueError, match="one process per GPU"):
+        _job(gpus_per_node=4, procs_per_node=2)
+
+
 def test_trainer_pods_carry_the_labels_the_podmonitor_and_networkpolicy_select():
     podmonitor = yaml.safe_load((REPO / "manifests" / "podmonitor.yaml").read_text())
     policies = [p for p in yaml.safe_load_all((REPO / "manifests" / "networkpolicy.yaml").read_text()) if p]
@@ -216,7 +301,8 @@ class Emulator:
     async def _serve(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
-            handler.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = {"kind": "PyTorchJob", "namespaced": True}
+            for resource in (PYTORCHJOB, TRAINJOB):
+                handler.resources["/".join(resource.path)] = {"kind": resource.kind, "namespaced": True}
             handler.resources["v1/pods"] = {"kind": "Pod", "namespaced": True}
             # the kubelet's side of `kubectl logs`: timestamped lines (the emulator keeps no logs)
             handler["get", kmock.resource("v1/pods"), kmock.subresource("log")] << MASTER_LOG
@@ -228,9 +314,9 @@ class Emulator:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
-    def get_job(self, name: str) -> dict | None:
+    def get_job(self, name: str, resource: JobResource = PYTORCHJOB) -> dict | None:
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+            return self.custom.get_namespaced_custom_object(resource.group, resource.version, NAMESPACE, resource.plural, name)
         except client.ApiException as error:
             if error.status == 404:
                 return None
@@ -245,35 +331,71 @@ def emulator():
     emu.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """What the kmock tests need to know of an operator: its resource, backend and builder, and
+    the conditions it writes when a job succeeds or fails (from its API: PyTorchJob
+    Succeeded/Failed, TrainJob Complete/Failed)."""
+
+    resource: JobResource
+    backend: type
+    build: object
+    succeeded: dict
+    failed: dict
+
+
+OPERATORS = {
+    "pytorchjob": Operator(
+        PYTORCHJOB, PyTorchJobBackend, build_pytorchjob,
+        {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"},
+        {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
+         "message": "pytorchjob simclr-pretrain-run-1 is failed because 1 Master replica(s) failed."},
+    ),
+    "trainjob": Operator(
+        TRAINJOB, TrainJobBackend, build_trainjob,
+        {"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "jobset completed"},
+        {"type": "Failed", "status": "True", "reason": "FailedJobs", "message": "jobset simclr-pretrain-run-1 failed: node-0 reached its backoff limit"},
+    ),
+}
+
+
+@pytest.fixture(params=list(OPERATORS))
+def operator_kind(request) -> Operator:
+    return OPERATORS[request.param]
+
+
 class StandInOperator(threading.Thread):
-    """Plays the Training Operator through the API: waits for the launcher's job, starts its
-    Master pod, waits for ``until`` (e.g. the launcher has streamed the log), then writes
+    """Plays the operator through the API: waits for the launcher's job, starts its lead pod
+    (rank 0), waits for ``until`` (e.g. the launcher has streamed the log), then writes
     ``conditions`` into the job's status subresource (or, with "delete", deletes the job)."""
 
-    def __init__(self, emu: Emulator, name: str, conditions: list[dict] | str | None, until=lambda: True, is_new=lambda job: True):
+    def __init__(self, emu: Emulator, name: str, conditions: list[dict] | str | None, until=lambda: True, is_new=lambda job: True,
+                 operator: Operator = OPERATORS["pytorchjob"]):
         super().__init__(daemon=True)
         self.emu, self.name, self.conditions, self.until, self.is_new = emu, name, conditions, until, is_new
+        self.resource = operator.resource
         self.seen: dict | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.seen = _wait_for(lambda: (job := self.emu.get_job(self.name)) and self.is_new(job) and job, "the job")
-            labels = {"training.kubeflow.org/job-name": self.name, "training.kubeflow.org/replica-type": "master"}
-            pod = {"metadata": {"name": f"{self.name}-master-0", "namespace": NAMESPACE, "labels": labels}, "status": {"phase": "Running"}}
+            self.seen = _wait_for(lambda: (job := self.emu.get_job(self.name, self.resource)) and self.is_new(job) and job, "the job")
+            labels = self.resource.lead_pod_labels(self.name)
+            pod = {"metadata": {"name": f"{self.name}-lead-0", "namespace": NAMESPACE, "labels": labels}, "status": {"phase": "Running"}}
             self.emu.core.create_namespaced_pod(NAMESPACE, pod)
             running = {"type": "Running", "status": "True", "reason": "PyTorchJobRunning", "message": "running"}
             self._set_status([running])
             _wait_for(self.until, "the launcher")
             if self.conditions == "delete":
-                self.emu.custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, self.name)
+                self.emu.custom.delete_namespaced_custom_object(self.resource.group, self.resource.version, NAMESPACE, self.resource.plural, self.name)
             elif self.conditions is not None:
                 self._set_status([{**running, "status": "False"}, *self.conditions])
         except BaseException as error:  # reported by the test
             self.error = error
 
     def _set_status(self, conditions: list[dict]) -> None:
-        self.emu.custom.patch_namespaced_custom_object_status(GROUP, VERSION, NAMESPACE, PLURAL, self.name, {"status": {"conditions": conditions}})
+        group, version, plural = self.resource.path
+        self.emu.custom.patch_namespaced_custom_object_status(group, version, NAMESPACE, plural, self.name, {"status": {"conditions": conditions}})
 
     def check(self) -> dict:
         self.join(10)
@@ -291,100 +413,104 @@ def _wait_for(predicate, what: str, timeout_s: float = 20.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _backend(emu: Emulator) -> PyTorchJobBackend:
-    return PyTorchJobBackend(api_client=emu.api_client, watch_timeout_s=1.0, log_poll_s=0.05, log_grace_s=2.0)
+def _backend(emu: Emulator, operator: Operator = OPERATORS["pytorchjob"]):
+    return operator.backend(api_client=emu.api_client, watch_timeout_s=1.0, log_poll_s=0.05, log_grace_s=2.0)
 
 
 def _streamed(lines: list[str]) -> bool:
     return "simclr: step 2 loss 4.9" in lines
 
 
-def test_pytorchjob_succeeds_streams_the_master_log_and_is_deleted(emulator):
+def test_job_succeeds_streams_the_lead_pods_log_and_is_deleted(emulator, operator_kind):
     job = _job(owner_pod=OWNER["name"])
     lines: list[str] = []
-    operator = StandInOperator(emulator, job.name, [{"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"}],
-                            until=lambda: _streamed(lines))
+    operator = StandInOperator(emulator, job.name, [operator_kind.succeeded], until=lambda: _streamed(lines), operator=operator_kind)
     operator.start()
-    launch(job, backend=_backend(emulator), timeout_s=60, log=lines.append)
+    launch(job, backend=_backend(emulator, operator_kind), timeout_s=60, log=lines.append)
     created = operator.check()
 
     assert created["metadata"]["ownerReferences"] == [OWNER]  # uid read from the pod
-    assert created["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
-    assert emulator.get_job(job.name) is None
+    assert created["kind"] == operator_kind.resource.kind
+    assert emulator.get_job(job.name, operator_kind.resource) is None
     # each line once, although the log was read several times; a progress bar's \r splits
     assert [line for line in lines if line.startswith("simclr:")] == ["simclr: step 1 loss 5.1", "simclr: step 2 loss 4.9"]
     assert "4.8" in lines
     assert any("succeeded" in line for line in lines)
-    assert any("deleted PyTorchJob" in line for line in lines)
+    assert any(f"deleted {operator_kind.resource.kind}" in line for line in lines)
 
 
-def test_failed_pytorchjob_raises_with_its_reason_and_is_deleted(emulator):
+def test_failed_job_raises_with_its_reason_and_is_deleted(emulator, operator_kind):
     job = _job(owner_pod=OWNER["name"])
-    failed = {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "pytorchjob simclr-pretrain-run-1 is failed because 1 Master replica(s) failed."}
-    operator = StandInOperator(emulator, job.name, [failed])
+    failed = operator_kind.failed
+    operator = StandInOperator(emulator, job.name, [failed], operator=operator_kind)
     operator.start()
-    with pytest.raises(LaunchError, match="PyTorchJobFailed: pytorchjob simclr-pretrain-run-1 is failed because 1 Master") as caught:
-        launch(job, backend=_backend(emulator), timeout_s=60, log=lambda line: None)
+    with pytest.raises(LaunchError, match=f"{failed['reason']}: {failed['message'][:40]}") as caught:
+        launch(job, backend=_backend(emulator, operator_kind), timeout_s=60, log=lambda line: None)
     operator.check()
-    assert caught.value.reason == "PyTorchJobFailed"
-    assert emulator.get_job(job.name) is None
+    assert caught.value.reason == failed["reason"]
+    assert emulator.get_job(job.name, operator_kind.resource) is None
 
 
-def test_pytorchjob_timeout_raises_and_deletes_the_job(emulator):
+def test_job_timeout_raises_and_deletes_the_job(emulator, operator_kind):
     job = _job(owner_pod="no-such-pod")
     lines: list[str] = []
-    operator = StandInOperator(emulator, job.name, conditions=None)  # never finishes
+    operator = StandInOperator(emulator, job.name, conditions=None, operator=operator_kind)  # never finishes
     operator.start()
     started = time.monotonic()
     with pytest.raises(LaunchError, match="did not finish within 2 s \\(timeout\\)") as caught:
-        launch(job, backend=_backend(emulator), timeout_s=2, log=lines.append)
+        launch(job, backend=_backend(emulator, operator_kind), timeout_s=2, log=lines.append)
     assert time.monotonic() - started >= 2  # it waited for the timeout (no upper bound: a loaded machine is slow)
     created = operator.check()
     assert caught.value.reason == "Timeout"
-    assert emulator.get_job(job.name) is None
-    assert created["spec"]["runPolicy"]["activeDeadlineSeconds"] >= 2  # the server-side backstop
+    assert emulator.get_job(job.name, operator_kind.resource) is None
+    spec = created["spec"]
+    assert (spec["runPolicy"] if "runPolicy" in spec else spec)["activeDeadlineSeconds"] >= 2  # the server-side backstop
     assert "ownerReferences" not in created["metadata"]  # the owner pod does not exist ...
     assert any("cannot read pod team-a/no-such-pod" in line for line in lines)  # ... and the log says so
 
 
-def test_a_job_deleted_by_someone_else_is_a_launch_error(emulator):
+def test_a_job_deleted_by_someone_else_is_a_launch_error(emulator, operator_kind):
     job = _job()
-    operator = StandInOperator(emulator, job.name, "delete")
+    operator = StandInOperator(emulator, job.name, "delete", operator=operator_kind)
     operator.start()
     with pytest.raises(LaunchError, match="was deleted before it finished") as caught:
-        launch(job, backend=_backend(emulator), timeout_s=60, log=lambda line: None)
+        launch(job, backend=_backend(emulator, operator_kind), timeout_s=60, log=lambda line: None)
     operator.check()
     assert caught.value.reason == "Deleted"
 
 
-def test_an_existing_job_of_the_same_name_is_replaced(emulator):
+def test_an_existing_job_of_the_same_name_is_replaced(emulator, operator_kind):
     job = _job()
-    old = build_pytorchjob(job, NAMESPACE)
+    old = operator_kind.build(job, NAMESPACE)
     old["metadata"]["labels"]["generation"] = "old"
-    emulator.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, old)
+    group, version, plural = operator_kind.resource.path
+    emulator.custom.create_namespaced_custom_object(group, version, NAMESPACE, plural, old)
     lines: list[str] = []
-    succeeded = [{"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"}]
-    operator = StandInOperator(emulator, job.name, succeeded, is_new=lambda obj: "generation" not in obj["metadata"]["labels"])
+    operator = StandInOperator(emulator, job.name, [operator_kind.succeeded], operator=operator_kind,
+                               is_new=lambda obj: "generation" not in obj["metadata"]["labels"])
     operator.start()
-    launch(job, backend=_backend(emulator), timeout_s=60, log=lines.append)
+    launch(job, backend=_backend(emulator, operator_kind), timeout_s=60, log=lines.append)
     operator.check()
     assert any("exists already; replacing it" in line for line in lines)
-    assert emulator.get_job(job.name) is None
+    assert emulator.get_job(job.name, operator_kind.resource) is None
 
 
-def test_sigterm_deletes_the_pytorchjob(emulator):
+@pytest.mark.parametrize("backend_name", ["pytorchjob", "trainjob"])
+def test_sigterm_deletes_the_job(emulator, backend_name):
     """A cancelled pipeline step gets SIGTERM: the launcher deletes its job and fails."""
+    operator_kind = OPERATORS[backend_name]
     script = textwrap.dedent(f"""
         import sys
         from kubernetes import client
-        from components.launcher import PretrainJob, PyTorchJobBackend, launch
+        from components.launcher import PretrainJob, get_backend, launch
         job = PretrainJob(name="cancelled-run", image="img", simclr_args=[], namespace={NAMESPACE!r})
-        backend = PyTorchJobBackend(api_client=client.ApiClient(client.Configuration(host=sys.argv[1])), watch_timeout_s=1.0)
+        backend = get_backend({backend_name!r})
+        backend.api_client, backend.watch_timeout_s = client.ApiClient(client.Configuration(host=sys.argv[1])), 1.0
         launch(job, backend=backend, timeout_s=120, log=lambda line: print(line, flush=True))
     """)
     process = subprocess.Popen([sys.executable, "-c", script, emulator.url], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: emulator.get_job("cancelled-run") or process.poll() is not None, "the job", timeout_s=60)
+        _wait_for(lambda: emulator.get_job("cancelled-run", operator_kind.resource) or process.poll() is not None, "the job", timeout_s=60)
         assert process.poll() is None, process.communicate()
         time.sleep(0.5)  # the launcher is inside its watch now
         process.send_signal(signal.SIGTERM)
@@ -393,8 +519,8 @@ def test_sigterm_deletes_the_pytorchjob(emulator):
         process.kill()
     assert process.returncode == 1
     assert "LaunchError" in stderr and "received SIGTERM" in stderr
-    assert "deleted PyTorchJob team-a/cancelled-run" in stdout
-    assert emulator.get_job("cancelled-run") is None
+    assert f"deleted {operator_kind.resource.kind} team-a/cancelled-run" in stdout
+    assert emulator.get_job("cancelled-run", operator_kind.resource) is None
 
 
 def test_backend_by_name_reads_the_kubeconfig(emulator, tmp_path, monkeypatch):

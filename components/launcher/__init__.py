@@ -1,4 +1,5 @@
-"""Run ``simclr pretrain`` on this machine (torchrun) or on a cluster (a Kubeflow PyTorchJob).
+"""Run ``simclr pretrain`` on this machine (torchrun) or on a cluster (a Kubeflow Training
+Operator PyTorchJob, or a Kubeflow Trainer v2 TrainJob).
 
 ::
 
@@ -9,11 +10,11 @@
         simclr_args=["--data", "/mnt/simclr/data", "--out", "/mnt/simclr/run", "--epochs", "4"],
         num_nodes=2, procs_per_node=4, gpus_per_node=4, pvc_name="simclr-data",
     )
-    launch(job, backend="pytorchjob", timeout_s=6 * 3600)   # or backend="local"
+    launch(job, backend="pytorchjob", timeout_s=6 * 3600)   # or "trainjob", or "local"
 
 A backend is anything with ``run(job, timeout_s, log)`` (:class:`TrainingBackend`);
-:func:`register_backend` adds one under a name (a Kubeflow Trainer v2 TrainJob backend can
-sit beside "local" and "pytorchjob"). This package imports the kubernetes client;
+:func:`register_backend` adds one under a name. The cluster backends share one cycle
+(kube.py) and one trainer pod (podspec.py). This package imports the kubernetes client;
 ``simclr_core`` does not.
 """
 
@@ -30,6 +31,7 @@ from components.launcher.core import (
 )
 from components.launcher.local import LocalBackend, local_command
 from components.launcher.pytorchjob import PyTorchJobBackend, build_pytorchjob, container_command, load_api_client
+from components.launcher.trainjob import TrainJobBackend, build_trainjob
 from components.launcher.run_identity import pipeline_run_id
 from components.launcher.volume import collect_from_volume, stage_on_volume
 
@@ -49,6 +51,8 @@ __all__ = [
     "build_pytorchjob",
     "container_command",
     "load_api_client",
+    "TrainJobBackend",
+    "build_trainjob",
     "pipeline_run_id",
     "stage_on_volume",
     "collect_from_volume",
