@@ -65,6 +65,7 @@ def parse_arguments(pairs: list[str], parameters: dict[str, dict[str, Any]]) -> 
     return arguments
 
 
+BACKENDS = ("pytorchjob", "trainjob", "local")  # components/launcher's backends
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"  # Kubeflow notebooks' projected token
 
 
@@ -83,10 +84,12 @@ def credentials(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_backend(pipeline_file: str | Path, parameters: dict[str, dict[str, Any]], arguments: dict[str, Any]) -> None:
-    """Refuse ``backend=pytorchjob`` on a pipeline compiled without a PVC (``--no-pvc``)."""
+    """Refuse an unknown backend, and a cluster backend on a pipeline compiled without a PVC (``--no-pvc``)."""
     backend = arguments.get("backend", parameters.get("backend", {}).get("defaultValue"))
-    if backend == "pytorchjob" and not pipeline_mounts_pvc(pipeline_file):
-        raise UsageError("backend=pytorchjob needs the PVC, and this pipeline was compiled with --no-pvc: "
+    if backend not in BACKENDS:
+        raise UsageError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend != "local" and not pipeline_mounts_pvc(pipeline_file):
+        raise UsageError(f"backend={backend} needs the PVC, and this pipeline was compiled with --no-pvc: "
                          "pass backend=local, or compile without --no-pvc")
 
 

@@ -155,9 +155,17 @@ def test_a_pipeline_without_pvc_defaults_to_the_local_backend_and_submit_refuses
     assert defaults["backend"] == "local"
     parameters = pipeline_parameters(path)
     check_backend(path, parameters, {})  # the default is fine
-    with pytest.raises(UsageError, match="backend=pytorchjob needs the PVC"):
-        check_backend(path, parameters, {"backend": "pytorchjob"})
+    for cluster_backend in ("pytorchjob", "trainjob"):
+        with pytest.raises(UsageError, match=f"backend={cluster_backend} needs the PVC"):
+            check_backend(path, parameters, {"backend": cluster_backend})
+    with pytest.raises(UsageError, match="backend='slurm': expected one of pytorchjob, trainjob, local"):
+        check_backend(PIPELINE_FILE, pipeline_parameters(PIPELINE_FILE), {"backend": "slurm"})
+    from components.launcher import backend_names
+    from pipelines.submit import BACKENDS
+
+    assert sorted(BACKENDS) == backend_names()  # submit knows every backend the launcher has
     check_backend(PIPELINE_FILE, pipeline_parameters(PIPELINE_FILE), {"backend": "pytorchjob"})
+    check_backend(PIPELINE_FILE, pipeline_parameters(PIPELINE_FILE), {"backend": "trainjob"})
 
 
 def test_compile_with_another_image_puts_it_on_every_step(tmp_path):

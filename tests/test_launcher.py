@@ -713,7 +713,7 @@ def test_the_dataset_is_staged_once_per_run_on_the_volume(tiny_prepared, tmp_pat
     # another run gets its own directory
     other = stage_on_volume(str(tiny_prepared), "simclr-data", str(volume), "simclr-pretrain-run-b", log=lines.append)
     assert other != stage and not (Path(other) / "data" / "marker").exists()
-    with pytest.raises(LaunchError, match="needs pvc_name"):
+    with pytest.raises(LaunchError, match="need pvc_name"):
         stage_on_volume(str(tiny_prepared), "", str(volume), "x")
     with pytest.raises(LaunchError, match="not mounted at"):
         stage_on_volume(str(tiny_prepared), "simclr-data", str(tmp_path / "absent"), "x")

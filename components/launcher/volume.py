@@ -56,7 +56,7 @@ def stage_on_volume(dataset_dir: str, pvc_name: str, mount_path: str, job_name: 
     (once: a retried step finds it there) and return ``mount_path/pipeline-runs/<job_name>``."""
     if not pvc_name:
         raise LaunchError(
-            "backend 'pytorchjob' needs pvc_name: the PyTorchJob's pods read the data and write checkpoints there "
+            "backends 'pytorchjob' and 'trainjob' need pvc_name: the job's pods read the data and write checkpoints there "
             "(backend 'local' needs none)", reason="InvalidSpec",
         )
     if not os.path.isdir(mount_path):

@@ -1,4 +1,4 @@
-"""KFP component: SimCLR pretraining, here (torchrun) or as a multi-node PyTorchJob."""
+"""KFP component: SimCLR pretraining, here (torchrun) or as a multi-node PyTorchJob or TrainJob."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -29,8 +29,14 @@ def pretrain(
     trainer_cpu_limit: str = "4",
     trainer_memory_request: str = "8Gi",
     trainer_memory_limit: str = "16Gi",
-    trainer_shm_size: str = "2Gi",
+    trainer_shm_size: str = "",
     trainer_service_account: str = "simclr-trainer",
+    queue_name: str = "",
+    priority_class: str = "",
+    image_pull_secrets: list = [],
+    runtime_name: str = "torch-distributed",
+    runtime_kind: str = "ClusterTrainingRuntime",
+    max_restarts: int = 3,
     node_selector: dict = {},
     tolerations: list = [],
     settings: dict = {},
@@ -40,10 +46,13 @@ def pretrain(
 
     ``backend``: "local" runs ``torchrun --nproc-per-node procs_per_node simclr pretrain`` in
     this step's container (one node: ``num_nodes`` is not used, no PVC is needed);
-    "pytorchjob" creates a PyTorchJob of ``num_nodes`` pods (Master + Workers,
-    ``procs_per_node`` processes and ``gpus_per_node`` GPUs each, ``image``, the ``trainer_*``
-    resources and service account, ``node_selector``, ``tolerations``) that reads and writes
-    through the PVC ``pvc_name`` mounted at ``pvc_mount_path`` here and in the job's pods.
+    "pytorchjob" (Training Operator v1) or "trainjob" (Kubeflow Trainer v2, through the runtime
+    ``runtime_kind``/``runtime_name``) creates a job of ``num_nodes`` pods (``procs_per_node``
+    processes on CPU, one per GPU with ``gpus_per_node``, ``image``, the ``trainer_*`` resources
+    and service account, ``node_selector``, ``tolerations``, Kueue's ``queue_name``,
+    ``priority_class``, ``image_pull_secrets``; torchrun restarts them up to ``max_restarts``
+    times) that reads and writes through the PVC ``pvc_name`` mounted at ``pvc_mount_path``
+    here and in the job's pods.
 
     The job and its directory on the PVC (``pipeline-runs/<job>/``) are named after the run,
     read from this pod's labels (not an input, so that identical runs share a cache key), or
@@ -75,6 +84,8 @@ def pretrain(
         num_nodes=1 if backend == "local" else num_nodes, procs_per_node=procs_per_node, gpus_per_node=gpus_per_node,
         cpu_request=trainer_cpu_request, cpu_limit=trainer_cpu_limit, memory_request=trainer_memory_request,
         memory_limit=trainer_memory_limit, shm_size=trainer_shm_size, service_account=trainer_service_account,
+        queue_name=queue_name, priority_class=priority_class, image_pull_secrets=list(image_pull_secrets),
+        runtime_name=runtime_name, runtime_kind=runtime_kind, max_restarts=max_restarts,
         node_selector=dict(node_selector), tolerations=list(tolerations),
         pvc_name=pvc_name if stage else "", pvc_mount_path=pvc_mount_path,
     )
