@@ -155,13 +155,17 @@ def _pytorchjob_schema() -> dict:
 # ------------------------------------------------------------------------------ kustomize
 
 
+OPERATOR_FILES = ("pytorchjob.yaml", "trainjob.yaml")  # the kustomization lists one of the two
+
+
 def test_kustomization_lists_every_manifest_and_each_exists():
     listed = _kustomization()["resources"]
     assert len(listed) == len(set(listed)), "a resource is listed twice"
     for name in listed:
         assert (MANIFESTS / name).is_file(), f"kustomization.yaml lists {name}, which does not exist"
-    on_disk = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk == set(listed), f"manifests not in kustomization.yaml: {sorted(on_disk - set(listed))}"
+    assert len(set(OPERATOR_FILES) & set(listed)) == 1, "list exactly one of pytorchjob.yaml and trainjob.yaml"
+    on_disk = {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml", *_kustomization()["configurations"]}
+    assert on_disk == set(listed) | set(OPERATOR_FILES), f"manifests not in kustomization.yaml: {sorted(on_disk - set(listed))}"
     for name, docs in _resources().items():
         assert docs, f"{name} holds no object"
 
@@ -320,7 +324,7 @@ def test_podmonitor_scrapes_the_trainer_pods_metrics_port():
         assert command[command.index("--metrics-port") + 1] == "9090"  # the trainer serves on that port
 
 
-def test_rbac_grants_exactly_pytorchjobs_and_pod_reads_in_one_namespace():
+def test_rbac_grants_exactly_the_two_job_kinds_and_pod_reads_in_one_namespace():
     role = _one("Role", "simclr-pipeline")
     rules = {
         (group, resource, verb)
@@ -328,6 +332,7 @@ def test_rbac_grants_exactly_pytorchjobs_and_pod_reads_in_one_namespace():
         for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
     }
     expected = {("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
+    expected |= {("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     expected |= {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list", "watch")}
     assert rules == expected
     for rule in role["rules"]:
@@ -440,6 +445,80 @@ def test_the_pytorchjobs_trainer_command_runs_as_its_pod_would(tiny_prepared, tm
     out_dir = _option(container["command"], "--out")
     model = load_checkpoint(volume / Path(out_dir).relative_to(mount) / "model.pt")
     assert model["step"] == 3  # 54 images, batch 16: one epoch
+
+
+# ------------------------------------------------------------------------------ the TrainJob
+
+
+def _trainjob() -> dict:
+    (obj,) = [doc for doc in yaml.safe_load_all((MANIFESTS / "trainjob.yaml").read_text()) if doc]
+    return obj
+
+
+def _trainjob_pod(obj: dict) -> dict:
+    (patch,) = obj["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return node["template"]["spec"]["template"]
+
+
+def test_trainjob_validates_strictly_against_the_trainer_v2_3_crd():
+    crd = yaml.safe_load((SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml").read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")["schema"]["openAPIV3Schema"]
+    validator = jsonschema.Draft7Validator(_strict(schema))
+    obj = _trainjob()
+    assert [error.message for error in validator.iter_errors(obj)] == []
+    assert obj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+    # the same trainer command as the launcher's, and the same pod as the PyTorchJob's
+    command = obj["spec"]["trainer"]["command"]
+    launcher_job = PretrainJob(name=obj["metadata"]["name"], image=IMAGE, simclr_args=_simclr_args(command))
+    assert command == trainer_command(launcher_job) and _simclr_args(command) == _simclr_args(_trainer_command())
+    pod = _trainjob_pod(obj)
+    (container,) = pod["spec"]["containers"]
+    assert container["name"] == "node"
+    (pytorchjob_container,) = _pod_specs(_one("PyTorchJob"))["Master"]["spec"]["containers"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {m["mountPath"] for m in pytorchjob_container["volumeMounts"]}
+    assert container["securityContext"] == pytorchjob_container["securityContext"]
+    assert pod["metadata"]["labels"].items() >= TRAINER_LABEL.items()
+    assert pod["spec"]["serviceAccountName"] == "simclr-trainer"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim")["metadata"]["name"]
+
+
+def test_an_overlay_selects_the_trainjob_and_retargets_its_image(tmp_path):
+    """Switching the kustomization to trainjob.yaml renders a TrainJob (no PyTorchJob) whose
+    spec.trainer.image follows `images:` (kustomizeconfig.yaml teaches kustomize that field)."""
+    selected = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, selected)
+    kustomization = _kustomization()
+    kustomization["resources"] = ["trainjob.yaml" if name == "pytorchjob.yaml" else name for name in kustomization["resources"]]
+    kustomization["images"] = [{"name": "ghcr.io/simclr-kubeflow/simclr", "newName": "registry.example.com/simclr", "newTag": "1.2"}]
+    (selected / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    built = _kustomize(selected)
+    kinds = [obj["kind"] for obj in built]
+    assert "TrainJob" in kinds and "PyTorchJob" not in kinds
+    trainjob = next(obj for obj in built if obj["kind"] == "TrainJob")
+    assert trainjob["spec"]["trainer"]["image"] == "registry.example.com/simclr:1.2"
+    assert trainjob["metadata"]["namespace"] == kustomization["namespace"]
+
+
+def test_the_trainjobs_trainer_command_runs_as_its_pod_would(tiny_prepared, tmp_path):
+    """The TrainJob's trainer (command, env) in its patched container (mounts), run with the
+    runtime's PET_* variables and the mount paths on local directories."""
+    from simclr_core.checkpoint import load_checkpoint
+    from tests.conftest import TINY_PRETRAIN
+    from tests.multiproc import free_port
+    from tests.pods import run_like_a_pod
+
+    obj = _trainjob()
+    trainer, (patched,) = obj["spec"]["trainer"], _trainjob_pod(obj)["spec"]["containers"]
+    container = {"command": trainer["command"], "env": trainer["env"], "volumeMounts": patched["volumeMounts"]}
+    volume = tmp_path / "volume"
+    shutil.copytree(tiny_prepared, volume / "data" / "prepared")
+    (tmp_path / "tmp").mkdir()
+    result = run_like_a_pod(container, trainer["numProcPerNode"], {"/mnt/simclr": volume, "/tmp": tmp_path / "tmp"},
+                            [*TINY_PRETRAIN, "--epochs", "1", "--metrics-port", str(free_port())])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(volume / "runs" / "pretrain" / "model.pt")["step"] == 3
 
 
 def test_prepare_job_writes_where_pretraining_reads():
