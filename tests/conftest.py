@@ -114,6 +114,23 @@ OUTCOME_FINETUNE_SETTINGS = {"epochs": 10, "min_steps": 30, "batch_size": 32, "l
 OUTCOME_TRANSFER_SETTINGS = {"finetune_epochs": 10, "batch_size": 12, "finetune_lr": 0.01}
 
 
+def upload_imagefolder(folder: Path, store, scratch: Path) -> None:
+    """Put every PNG under ``folder`` into ``store`` (a gs:// or s3:// Store) at its relative path."""
+    import shutil
+
+    for path in sorted(folder.rglob("*.png")):
+        copy = scratch / "upload.png"
+        shutil.copyfile(path, copy)  # put_file consumes the file it is given
+        store.put_file(copy, str(path.relative_to(folder)))
+
+
+def prepare_remote_imagefolder(source: str, out: str) -> None:
+    """`simclr prepare` of the image folder at the URI ``source`` into the URI ``out``."""
+    result = run_cli("prepare", "--source", "imagefolder", "--source-root", source, "--val-fraction", "0.25",
+                     "--label-fractions", "0.1,0.5", "--out", out)
+    assert result.returncode == 0, result.stderr
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as handle:

@@ -9,11 +9,40 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
+import time
 import traceback
+import urllib.request
+
+import pytest
 
 import torch
 import torch.multiprocessing as mp
+
+
+def start_server(argv: list[str], probe_url: str, what: str, timeout_s: float = 30) -> subprocess.Popen:
+    """Start a local server (``argv``) and wait until ``probe_url`` answers; fail the test,
+    with the server's last stderr, when it exits or does not answer within ``timeout_s``."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(probe_url, timeout=1)
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"{what} did not start: {process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def free_port() -> int:

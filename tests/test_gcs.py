@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,8 +18,8 @@ import torch
 from simclr_core import storage
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
 from simclr_core.storage import StorageError, StorageUnavailable, open_store, staged_input, staged_output
-from tests.conftest import TINY_PRETRAIN, run_cli
-from tests.multiproc import free_port
+from tests.conftest import TINY_PRETRAIN, prepare_remote_imagefolder, run_cli, upload_imagefolder
+from tests.multiproc import free_port, start_server, stop_server
 
 BUCKET = "simclr-test"
 
@@ -39,21 +35,11 @@ def _emulator_binary() -> str:
 def emulator():
     """The emulator's URL; STORAGE_EMULATOR_HOST is set for this process and its children."""
     port = free_port()
-    process = subprocess.Popen(
-        [_emulator_binary(), "start", "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "--in-memory", "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the GCS emulator did not start: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+    process = start_server(
+        [_emulator_binary(), "start", "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "--in-memory", "-q"],
+        f"{url}/storage/v1/b", "the GCS emulator",
+    )
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = url
     storage._CLIENT = None
@@ -63,11 +49,7 @@ def emulator():
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:
         os.environ["STORAGE_EMULATOR_HOST"] = saved
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_server(process)
 
 
 def _uri(test_name: str, *parts: str) -> str:
@@ -149,16 +131,10 @@ def test_checkpoints_on_gcs_keep_k_and_fall_back(emulator, caplog):
 
 def test_every_step_reads_and_writes_gs(emulator, tiny_folder, tmp_path):
     """prepare from gs://, pretrain to gs:// (killed, then resumed from gs://), linear eval from gs://."""
-    source = open_store(_uri("e2e", "images"))
-    for path in sorted(tiny_folder.rglob("*.png")):
-        copy = tmp_path / "upload.png"
-        shutil.copyfile(path, copy)
-        source.put_file(copy, str(path.relative_to(tiny_folder)))
+    upload_imagefolder(tiny_folder, open_store(_uri("e2e", "images")), tmp_path)
 
     prepared, run, evaluation = _uri("e2e", "prepared"), _uri("e2e", "run"), _uri("e2e", "linear")
-    result = run_cli("prepare", "--source", "imagefolder", "--source-root", _uri("e2e", "images"), "--val-fraction", "0.25",
-                  "--label-fractions", "0.1,0.5", "--out", prepared)
-    assert result.returncode == 0, result.stderr
+    prepare_remote_imagefolder(_uri("e2e", "images"), prepared)
     assert "manifest.json" in open_store(prepared).list()
 
     pretrain = ["pretrain", "--data", prepared, "--out", run, "--device", "cpu", *TINY_PRETRAIN, "--checkpoint-every", "2"]

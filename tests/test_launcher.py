@@ -62,13 +62,18 @@ def _strict(schema):
     return out
 
 
+def _crd_validator(file_name: str, version: str) -> jsonschema.Draft7Validator:
+    """A strict validator for ``version`` of the CRD in ../shared/schemas/``file_name``."""
+    path = SCHEMAS / file_name
+    assert path.is_file(), f"the CRD is missing: {path} (the shared/ directory sits beside the clone)"
+    crd = yaml.safe_load(path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
 @pytest.fixture(scope="module")
 def pytorchjob_validator() -> jsonschema.Draft7Validator:
-    path = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
-    assert path.is_file(), f"the PyTorchJob CRD is missing: {path} (the shared/ directory sits beside the clone)"
-    crd = yaml.safe_load(path.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(_strict(schema))
+    return _crd_validator("kubeflow.org_pytorchjobs.yaml", "v1")
 
 
 def _job(**overrides) -> PretrainJob:
@@ -160,11 +165,7 @@ def test_the_schema_check_catches_a_malformed_job(pytorchjob_validator):
 
 @pytest.fixture(scope="module")
 def trainjob_validator() -> jsonschema.Draft7Validator:
-    path = SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
-    assert path.is_file(), f"the TrainJob CRD (Trainer v2.3.0) is missing: {path}"
-    crd = yaml.safe_load(path.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(_strict(schema))
+    return _crd_validator("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")  # Trainer v2.3.0
 
 
 def _patched_pod(obj: dict) -> dict:

@@ -110,21 +110,27 @@ def _first_epoch_loss(run_dir) -> float:
     return json.loads((run_dir / "live" / "metrics.json").read_text())["loss"]
 
 
-@pytest.mark.multiproc
-def test_torchrun_two_processes_give_the_single_process_first_step_loss(tiny_prepared, tmp_path):
-    # 54 training images and a global batch of 48: the first epoch is exactly one step
-    settings = [*TINY_PRETRAIN, "--epochs", "1", "--batch-size", "48"]
-    single = run_cli("pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "one"), *settings)
+def _one_and_two_processes(data, tmp_path, settings: list[str]) -> None:
+    """`simclr pretrain SETTINGS` in one process into tmp_path/one, and under torchrun with 2
+    processes into tmp_path/two."""
+    single = run_cli("pretrain", "--data", str(data), "--out", str(tmp_path / "one"), *settings)
     assert single.returncode == 0, single.stderr
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
     double = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "simclr_core", "pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "two"), "--device", "cpu", *settings],
-        env=env, capture_output=True, text=True, timeout=300,
+         "-m", "simclr_core", "pretrain", "--data", str(data), "--out", str(tmp_path / "two"), "--device", "cpu", *settings],
+        env=env, capture_output=True, text=True, timeout=600,
     )
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stderr
+
+
+@pytest.mark.multiproc
+def test_torchrun_two_processes_give_the_single_process_first_step_loss(tiny_prepared, tmp_path):
+    # 54 training images and a global batch of 48: the first epoch is exactly one step
+    settings = [*TINY_PRETRAIN, "--epochs", "1", "--batch-size", "48"]
+    _one_and_two_processes(tiny_prepared, tmp_path, settings)
     assert _first_epoch_loss(tmp_path / "two") == pytest.approx(_first_epoch_loss(tmp_path / "one"), rel=1e-5, abs=1e-5)
     one = _weights(tmp_path / "one" / "model.pt")
     two = _weights(tmp_path / "two" / "model.pt")
@@ -142,17 +148,7 @@ def test_two_processes_equal_one_over_three_epochs_step_by_step(tiny_prepared, t
     process) grows to 3e-2 by step 9, so no tolerance could tell a bug from noise; at base LR
     0.05 the same noise stays below 1e-5 while the weights still move by 0.1 to 1.9."""
     settings = [*TINY_PRETRAIN, "--epochs", "3", "--base-lr", "0.05", "--checkpoint-every", "1", "--keep-checkpoints", "100"]
-    single = run_cli("pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "one"), *settings)
-    assert single.returncode == 0, single.stderr
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    double = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "simclr_core", "pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "two"), "--device", "cpu", *settings],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert double.returncode == 0, double.stderr
-    assert "2 process(es)" in double.stderr
+    _one_and_two_processes(tiny_prepared, tmp_path, settings)
     for step in range(1, 10):
         name = f"checkpoints/step-{step:08d}.pt"
         one, two = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,8 +17,8 @@ import pytest
 from simclr_core import storage
 from simclr_core.checkpoint import load_checkpoint
 from simclr_core.storage import StorageError, StorageUnavailable, open_store, staged_input
-from tests.conftest import TINY_PRETRAIN, run_cli
-from tests.multiproc import free_port
+from tests.conftest import TINY_PRETRAIN, prepare_remote_imagefolder, run_cli, upload_imagefolder
+from tests.multiproc import free_port, start_server, stop_server
 
 BUCKET = "simclr-s3-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "minio", "AWS_SECRET_ACCESS_KEY": "minio123", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -40,18 +36,8 @@ def s3_server():
     """The server's URL, with the bucket made; the endpoint and credentials are set for this
     process and its children."""
     port = free_port()
-    process = subprocess.Popen([_server_binary(), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"moto's S3 server did not start: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+    process = start_server([_server_binary(), "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/", "moto's S3 server")
     saved = {name: os.environ.get(name) for name in (*CREDENTIALS, "AWS_ENDPOINT_URL_S3")}
     os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL_S3=url)
     storage._s3_client().create_bucket(Bucket=BUCKET)
@@ -61,11 +47,7 @@ def s3_server():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_server(process)
 
 
 def _uri(*parts: str) -> str:
@@ -147,16 +129,10 @@ def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_prepare_pretrain_and_linear_eval_read_and_write_s3(s3_server, tiny_folder, tmp_path):
     """The CLI, as the pipeline's steps run it: prepare from s3://, pretrain to s3://, linear eval from s3://."""
-    source = open_store(_uri("e2e", "images"))
-    for path in sorted(tiny_folder.rglob("*.png")):
-        copy = tmp_path / "upload.png"
-        shutil.copyfile(path, copy)
-        source.put_file(copy, str(path.relative_to(tiny_folder)))
+    upload_imagefolder(tiny_folder, open_store(_uri("e2e", "images")), tmp_path)
 
     prepared, run, evaluation = _uri("e2e", "prepared"), _uri("e2e", "run"), _uri("e2e", "linear")
-    result = run_cli("prepare", "--source", "imagefolder", "--source-root", _uri("e2e", "images"), "--val-fraction", "0.25",
-                     "--label-fractions", "0.1,0.5", "--out", prepared)
-    assert result.returncode == 0, result.stderr
+    prepare_remote_imagefolder(_uri("e2e", "images"), prepared)
     manifest = json.loads(open_store(prepared).read_bytes("manifest.json"))
     assert manifest["splits"]["test"]["images"] == 18  # tiny_folder: 3 classes x 6 test images
 
