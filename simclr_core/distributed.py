@@ -134,15 +134,28 @@ def init_distributed(
     if backend == "nccl" and not use_cuda:
         raise ConfigError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
             world_size=world_size,
             rank=rank,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=compute_device if use_cuda else None,
+            **_rendezvous(rank, world_size, timeout),
         )
     return DistEnv(rank, world_size, local_rank, backend, compute_device)
+
+
+def _rendezvous(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """How the process group meets: ``env://``, or, in a torchrun that restarted its workers
+    (``--max-restarts``), the same store under a prefix of this attempt. torchrun's workers
+    share the agent's store across attempts, so without the prefix a restarted rank can read
+    a peer's address from the attempt before and fail to connect ("Connection refused")."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {"init_method": "env://"}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return {"store": dist.PrefixStore(f"simclr/attempt-{attempt}", store)}
 
 
 def destroy_distributed() -> None:

@@ -21,7 +21,7 @@ from tests.multiproc import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _expand(text: str, env: dict[str, str]) -> str:
+def expand_like_the_kubelet(text: str, env: dict[str, str]) -> str:
     """The kubelet's expansion of ``$(NAME)`` in a command from the container's env (a name
     that is not set stays as written)."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda match: env.get(match.group(1), match.group(0)), text)
@@ -53,5 +53,5 @@ def run_like_a_pod(
         "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port,
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "1", "RANK": "0",
     }
-    argv = [_expand(local(arg), env) for arg in [*container["command"], *container.get("args", [])]] + extra_args
+    argv = [expand_like_the_kubelet(local(arg), env) for arg in [*container["command"], *container.get("args", [])]] + extra_args
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)

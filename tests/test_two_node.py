@@ -22,6 +22,7 @@ import torch
 from components.launcher import PretrainJob, build_pytorchjob
 from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
 from tests.multiproc import free_port
+from tests.pods import expand_like_the_kubelet
 from tests.test_pretrain_resume import _first_epoch_loss, _weights
 
 # 54 training images and a global batch of 48: the first epoch is exactly one step.
@@ -56,7 +57,7 @@ def _start_pod(job: dict, replica_type: str, index: int, port: int, cwd: Path) -
     env["OMP_NUM_THREADS"] = "1"
     env.update({e["name"]: e["value"] for e in container["env"]})
     env.update(operator_env(job, replica_type, index, "127.0.0.1", port))
-    command = list(container["command"])
+    command = [expand_like_the_kubelet(arg, env) for arg in container["command"]]
     command[command.index("--metrics-port") + 1] = str(free_port())  # pods have a network each; here they share one
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
