@@ -42,6 +42,8 @@ log = logging.getLogger("simclr.checkpoint")
 CHECKPOINT_DIR = "checkpoints"
 LATEST = f"{CHECKPOINT_DIR}/latest.json"
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_METADATA_BYTES = 64 * 1024  # a checkpoint's metadata is a few hundred bytes
 
 
 class CheckpointError(ValueError):
@@ -148,15 +150,30 @@ class CheckpointManager:
     # -------------------------------------------------------------- loading
 
     def list(self) -> list[dict[str, Any]]:
-        """Metadata of the stored checkpoints, newest first (unreadable metadata is skipped)."""
+        """Metadata of the stored checkpoints, newest first (unreadable or invalid metadata is
+        skipped with a warning)."""
         metas = []
         for key in self.store.list(CHECKPOINT_DIR):
             if key.endswith(".pt.json") and _NAME.match(Path(key[: -len(".json")]).name):
-                try:
-                    metas.append(json.loads(self.store.read_bytes(key)))
-                except (ValueError, StorageError) as error:
-                    log.warning("skipping checkpoint metadata %s: %s", self.store.uri(key), error)
+                meta = self._read_metadata(key)
+                if meta is not None:
+                    metas.append(meta)
         return sorted(metas, key=lambda meta: meta["step"], reverse=True)
+
+    def _read_metadata(self, key: str) -> dict[str, Any] | None:
+        """The checkpoint metadata in ``key``, or None (with a warning) when it is not a small
+        regular file holding a valid entry. The metadata is a pointer: it is trusted to name
+        a file only as ``checkpoints/step-<step>.pt`` with that very step, never a path."""
+        try:
+            size = self.store.size(key)
+            if size > MAX_METADATA_BYTES:
+                raise CheckpointError(f"{size} bytes, more than checkpoint metadata ever holds ({MAX_METADATA_BYTES})")
+            meta = json.loads(self.store.read_bytes(key))
+            _check_metadata(meta)
+            return meta
+        except (ValueError, StorageError) as error:  # CheckpointError and JSON errors are ValueErrors
+            log.warning("skipping checkpoint metadata %s: %s", self.store.uri(key), str(error)[:300])
+            return None
 
     def best(self) -> dict[str, Any] | None:
         scored = [meta for meta in self.list() if meta.get("knn_accuracy") is not None]
@@ -169,11 +186,10 @@ class CheckpointManager:
         is missing, fails its check or cannot be loaded is skipped with a warning.
         """
         candidates = []
-        if self.store.exists(LATEST):
-            try:
-                candidates.append(json.loads(self.store.read_bytes(LATEST)))
-            except ValueError as error:
-                log.warning("ignoring %s: %s", self.store.uri(LATEST), error)
+        if self.store.exists(LATEST) or _is_link(self.store, LATEST):
+            latest = self._read_metadata(LATEST)
+            if latest is not None:
+                candidates.append(latest)
         candidates += [meta for meta in self.list() if not candidates or meta["file"] != candidates[0]["file"]]
         for meta in candidates:
             try:
@@ -183,8 +199,33 @@ class CheckpointManager:
         return None
 
     def _load_verified(self, meta: dict[str, Any], map_location: str | torch.device) -> dict[str, Any]:
+        size = self.store.size(meta["file"])  # a FIFO, a device or a file of another size is refused unread
+        if size != meta["bytes"]:
+            raise CheckpointError(f"its size, {size} bytes, does not match its metadata's {meta['bytes']} (truncated or replaced)")
         data = self.store.read_bytes(meta["file"])
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta["sha256"]:
             raise CheckpointError(f"sha256 {digest[:12]}... does not match its metadata's {meta['sha256'][:12]}... (corrupt or truncated)")
         return _load_bytes(data, self.store.uri(meta["file"]), map_location)
+
+
+def _check_metadata(meta: Any) -> None:
+    """Raise CheckpointError unless ``meta`` is a checkpoint entry as :meth:`CheckpointManager.save` writes it."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"expected an object, found {type(meta).__name__}")
+    step, sha256, size = meta.get("step"), meta.get("sha256"), meta.get("bytes")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"'step' must be an integer >= 0, found {step!r}"[:200])
+    expected = f"{CHECKPOINT_DIR}/step-{step:08d}.pt"
+    if meta.get("file") != expected:
+        raise CheckpointError(f"'file' must be {expected!r} (a checkpoint of this run), found {meta.get('file')!r}"[:300])
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise CheckpointError("'sha256' must be 64 hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise CheckpointError(f"'bytes' must be an integer >= 0, found {size!r}"[:200])
+
+
+def _is_link(store: Store, key: str) -> bool:
+    """A local ``key`` that is a symbolic link (exists() is False when it points nowhere real)."""
+    return hasattr(store, "path") and os.path.islink(Path(store.path, key))
+

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -144,6 +145,11 @@ class Store:
     def read_bytes(self, key: str) -> bytes:
         raise NotImplementedError
 
+    def size(self, key: str) -> int:
+        """Bytes of the regular file or object ``key``; a StorageError when it is missing or not
+        a regular file (a FIFO or a device would make a read hang or never end)."""
+        raise NotImplementedError
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` to ``key`` all at once (readers never see part of it)."""
         raise NotImplementedError
@@ -180,6 +186,15 @@ class LocalStore(Store):
             return (self.path / key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{self.uri(key)} does not exist") from None
+
+    def size(self, key: str) -> int:
+        try:
+            info = os.stat(self.path / key)  # follows a link: what a read would read
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri(key)} does not exist") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise StorageError(f"{self.uri(key)} is not a regular file")
+        return info.st_size
 
     def write_bytes(self, key: str, data: bytes) -> None:
         write_atomic(self.path / key, lambda stream: stream.write(data), mode="wb")
@@ -292,6 +307,13 @@ class GCSStore(_BucketStore):
     def read_bytes(self, key: str) -> bytes:
         with self._errors(self.uri(key)):
             return self._bucket.blob(self._name(key)).download_as_bytes(retry=self._retry, timeout=self._timeout)
+
+    def size(self, key: str) -> int:
+        with self._errors(self.uri(key)):
+            blob = self._bucket.get_blob(self._name(key), retry=self._retry, timeout=self._timeout)
+        if blob is None:
+            raise StorageError(f"{self.uri(key)} does not exist")
+        return int(blob.size)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(self.uri(key)):
@@ -410,6 +432,10 @@ class S3Store(_BucketStore):
     def read_bytes(self, key: str) -> bytes:
         with self._errors(self.uri(key)):
             return self._client.get_object(Bucket=self.bucket_name, Key=self._name(key))["Body"].read()
+
+    def size(self, key: str) -> int:
+        with self._errors(self.uri(key)):
+            return int(self._client.head_object(Bucket=self.bucket_name, Key=self._name(key))["ContentLength"])
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(self.uri(key)):

@@ -97,3 +97,46 @@ def test_clear_removes_every_checkpoint(tmp_path):
     manager.save(_state(1), 1)
     manager.clear()
     assert manager.load_latest() is None and list((tmp_path / "checkpoints").iterdir()) == []
+
+
+# A checkpoint pointer is data, not a path to follow (issue: a latest.json naming /dev/zero made
+# resume read without end; a FIFO named like a checkpoint hung it).
+HOSTILE_POINTERS = {
+    "a device": {"file": "/dev/zero", "step": 9, "sha256": "0" * 64, "bytes": 10},
+    "a path outside the run": {"file": "../../etc/passwd", "step": 9, "sha256": "0" * 64, "bytes": 10},
+    "another step's file": {"file": "checkpoints/step-00000001.pt", "step": 9, "sha256": "0" * 64, "bytes": 10},
+    "a list": [],
+    "no step": {"file": "checkpoints/step-00000009.pt", "sha256": "0" * 64, "bytes": 10},
+    "a huge size": {"file": "checkpoints/step-00000009.pt", "step": 9, "sha256": "0" * 64, "bytes": 1 << 40},
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("pointer", list(HOSTILE_POINTERS))
+def test_a_hostile_latest_pointer_is_skipped_for_the_newest_good_checkpoint(tmp_path, caplog, pointer):
+    manager = CheckpointManager(LocalStore(tmp_path), keep_last=3)
+    for step in (1, 2):
+        manager.save(_state(step), step)
+    (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps(HOSTILE_POINTERS[pointer]))
+    with caplog.at_level("WARNING"):
+        state, meta = manager.load_latest()
+    assert meta["step"] == 2 and state["step"] == 2
+    assert "skipping checkpoint" in caplog.text  # said, not silent
+
+
+@pytest.mark.timeout(30)
+def test_special_files_named_like_checkpoints_are_refused_unread(tmp_path, caplog):
+    """A FIFO as the newest checkpoint, and latest.json as a link to /dev/zero: neither is read."""
+    manager = CheckpointManager(LocalStore(tmp_path), keep_last=3)
+    for step in (1, 2):
+        manager.save(_state(step), step)
+    checkpoint = tmp_path / "checkpoints" / "step-00000002.pt"
+    checkpoint.unlink()
+    os.mkfifo(checkpoint)  # a read of it would block forever
+    latest = tmp_path / "checkpoints" / "latest.json"
+    latest.unlink()
+    latest.symlink_to("/dev/zero")  # a read of it would never end
+    with caplog.at_level("WARNING"):
+        state, meta = manager.load_latest()
+    assert meta["step"] == 1 and state["step"] == 1
+    assert "is not a regular file" in caplog.text
