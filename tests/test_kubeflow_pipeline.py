@@ -239,6 +239,7 @@ def _executor_outputs(run_root: Path) -> dict[str, dict]:
     return {path.parent.name: json.loads(path.read_text()) for path in run_root.rglob("executor_output.json")}
 
 
+@pytest.mark.slow  # about 80 s: the stage test covers every step's outcome in the fast suite
 def test_whole_pipeline_runs_with_kfps_local_runner(tmp_path):
     """Every step, in the project's venv, on the texture dataset with a known answer
     (conftest.make_texture_folder): pretrained beats random init in every evaluation."""
