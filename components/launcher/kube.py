@@ -130,9 +130,10 @@ def resolve_namespace(namespace: str) -> str:
         return "default"
 
 
-def _default_owner_pod() -> str:
+def own_pod_name() -> str:
+    """This pod's name (KFP's KFP_POD_NAME, else HOSTNAME), or "" when not in a pod."""
     if not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return ""  # not in a pod: nothing owns the job
+        return ""
     return os.environ.get("KFP_POD_NAME") or os.environ.get("HOSTNAME", "")
 
 
@@ -179,7 +180,7 @@ class ClusterJobBackend:
         api_client = self.api_client or load_api_client()
         custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
         namespace = resolve_namespace(job.namespace)
-        owner = self.owner_reference(core, job.owner_pod or _default_owner_pod(), namespace, log)
+        owner = self.owner_reference(core, job.owner_pod or own_pod_name(), namespace, log)
         body = self.build(job, namespace, owner, timeout_s)
         follower = _LeadPodLogFollower(core, namespace, job.name, self.resource, log, self.log_poll_s)
         created = False

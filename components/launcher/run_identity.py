@@ -22,18 +22,13 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from components.launcher.core import Log
-from components.launcher.kube import API_TIMEOUT_S, load_api_client, resolve_namespace
+from components.launcher.kube import API_TIMEOUT_S, load_api_client, own_pod_name, resolve_namespace
 
-__all__ = ["RUN_ID_ENV", "RUN_ID_LABELS", "pipeline_run_id", "in_cluster"]
+__all__ = ["RUN_ID_ENV", "RUN_ID_LABELS", "pipeline_run_id"]
 
 RUN_ID_ENV = "SIMCLR_RUN_ID"  # set by hand to name a run (outside KFP, or to resume another run's directory)
 # In order of preference: the KFP run's UUID, then the Argo workflow's name (unique per run).
 RUN_ID_LABELS = ("pipeline/runid", "workflows.argoproj.io/workflow")
-
-
-def in_cluster() -> bool:
-    """True inside a Kubernetes pod (the kubelet sets KUBERNETES_SERVICE_HOST)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 def pipeline_run_id(api_client: client.ApiClient | None = None, log: Log = print) -> str:
@@ -46,9 +41,9 @@ def pipeline_run_id(api_client: client.ApiClient | None = None, log: Log = print
     """
     if os.environ.get(RUN_ID_ENV):
         return os.environ[RUN_ID_ENV]
-    if not in_cluster():
-        return ""
-    pod_name = os.environ.get("KFP_POD_NAME") or os.environ.get("HOSTNAME", "")
+    pod_name = own_pod_name()
+    if not pod_name:
+        return ""  # not in a pod
     labels = _pod_labels(api_client, pod_name, log)
     for key in RUN_ID_LABELS:
         if labels.get(key):
