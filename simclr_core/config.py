@@ -30,15 +30,43 @@ __all__ = [
 ]
 
 SOURCES = ("fashion-mnist", "cifar10", "cifar100", "stl10", "digits", "imagefolder")
+MAX_PREPARE_IMAGE_SIZE = 4096  # prepare.image_size: 16.7 MP, 50 MB an RGB image; SimCLR trains at <= 224
 
 
 class ConfigError(ValueError):
     """A setting is missing, of the wrong type, or out of range; the message names it."""
 
 
+# Bounds that hold for every numeric setting, whatever its own range: beyond them a value is a
+# typo or an attack, and it would surface as an overflow deep in numpy or torch.
+MAX_INT = 2**31 - 1
+MAX_FLOAT = 1e9
+MAX_SHOWN = 80  # characters of a bad value that an error message repeats
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
+
+
 def _check(condition: bool, field: str, expected: str, value: Any) -> None:
     if not condition:
-        raise ConfigError(f"{field} must be {expected}, got {value!r}")
+        raise ConfigError(f"{field} must be {expected}, got {shown(value)}")
+
+
+def _check_magnitudes(config: Any, section: str) -> None:
+    """Every int (and list of ints) within [-MAX_INT, MAX_INT], every float finite and within +-MAX_FLOAT."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if isinstance(item, int):
+                _check(abs(item) <= MAX_INT, f"{section}.{field.name}", f"an integer of magnitude <= {MAX_INT}", value)
+            else:
+                _check(math.isfinite(item) and abs(item) <= MAX_FLOAT, f"{section}.{field.name}",
+                       f"a finite number of magnitude <= {MAX_FLOAT:g}", value)
 
 
 @dataclasses.dataclass
@@ -53,12 +81,24 @@ class PrepareConfig:
     image_size: int = 0  # imagefolder: resize + centre-crop every image to this side (0 = keep)
     label_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1])
     seed: int = 0  # fixes the val split and the label subsets
+    # Budgets against decompression bombs (a 132 KB PNG can claim 12000 x 12000 pixels): an image
+    # whose header claims more pixels is skipped before it is decoded; a source whose images
+    # would take more (N x C x H x W bytes, all splits) is refused before they are read or stacked.
+    max_image_pixels: int = 50_000_000  # above any camera's photo, below PIL's own 89 MP warning
+    max_dataset_mib: int = 4096  # 4 GiB; STL-10 with its unlabelled images is 2.9 GB
 
     def __post_init__(self) -> None:
+        _check_magnitudes(self, "prepare")
         _check(self.source in SOURCES, "prepare.source", f"one of {', '.join(SOURCES)}", self.source)
         _check(0 <= self.val_fraction < 1, "prepare.val_fraction", "in [0, 1)", self.val_fraction)
         _check(self.max_train >= 0, "prepare.max_train", ">= 0", self.max_train)
-        _check(self.image_size >= 0, "prepare.image_size", ">= 0", self.image_size)
+        _check(0 <= self.image_size <= MAX_PREPARE_IMAGE_SIZE, "prepare.image_size", f"in [0, {MAX_PREPARE_IMAGE_SIZE}]", self.image_size)
+        _check(self.max_image_pixels >= 1, "prepare.max_image_pixels", ">= 1", self.max_image_pixels)
+        _check(self.max_dataset_mib >= 1, "prepare.max_dataset_mib", ">= 1", self.max_dataset_mib)
+        _check(  # the resized image is an image too
+            self.image_size**2 <= self.max_image_pixels, "prepare.image_size",
+            f"at most {math.isqrt(self.max_image_pixels)} (its square within prepare.max_image_pixels)", self.image_size,
+        )
         _check(self.seed >= 0, "prepare.seed", ">= 0", self.seed)
         for fraction in self.label_fractions:
             _check(0 < fraction <= 1, "prepare.label_fractions", "a list of values in (0, 1]", self.label_fractions)
@@ -103,13 +143,14 @@ class PretrainConfig:
     collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _check_magnitudes(self, "pretrain")
         _check(self.epochs >= 1, "pretrain.epochs", ">= 1", self.epochs)
         _check(self.batch_size >= 2, "pretrain.batch_size", ">= 2", self.batch_size)
         _check(self.temperature > 0, "pretrain.temperature", "> 0", self.temperature)
         _check(self.base_lr > 0, "pretrain.base_lr", "> 0", self.base_lr)
         _check(self.lr_scaling in ("linear", "sqrt"), "pretrain.lr_scaling", "'linear' or 'sqrt'", self.lr_scaling)
-        _check(self.warmup_epochs >= 0, "pretrain.warmup_epochs", ">= 0", self.warmup_epochs)
-        _check(self.width_multiplier > 0, "pretrain.width_multiplier", "> 0", self.width_multiplier)
+        _check(self.warmup_epochs >= 0, "pretrain.warmup_epochs", ">= 0 (a warm-up longer than the run is cut at its end)", self.warmup_epochs)
+        _check(0 < self.width_multiplier <= 8, "pretrain.width_multiplier", "in (0, 8] (the paper's widest ResNet is 4x)", self.width_multiplier)
         _check(self.cifar_stem in ("auto", "true", "false"), "pretrain.cifar_stem", "'auto', 'true' or 'false'", self.cifar_stem)
         _check(self.blur in ("auto", "true", "false"), "pretrain.blur", "'auto', 'true' or 'false'", self.blur)
         _check(0 < self.crop_min_scale <= 1, "pretrain.crop_min_scale", "in (0, 1]", self.crop_min_scale)
@@ -143,6 +184,7 @@ class LinearEvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_magnitudes(self, "linear_eval")
         _check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid), "linear_eval.l2_grid", "a non-empty list of values >= 0", self.l2_grid)
         _check(self.max_iter >= 1, "linear_eval.max_iter", ">= 1", self.max_iter)
         _check(self.augment_copies >= 0, "linear_eval.augment_copies", ">= 0", self.augment_copies)
@@ -164,8 +206,10 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_magnitudes(self, "finetune")
         _check(self.epochs >= 1, "finetune.epochs", ">= 1", self.epochs)
-        _check(self.batch_size >= 1, "finetune.batch_size", ">= 1", self.batch_size)
+        # BatchNorm in training mode needs two samples per channel; batches are never smaller than this
+        _check(self.batch_size >= 2, "finetune.batch_size", ">= 2 (BatchNorm trains on batches of two or more)", self.batch_size)
         _check(self.lr > 0, "finetune.lr", "> 0", self.lr)
         _check(self.head_layers >= 0, "finetune.head_layers", ">= 0", self.head_layers)
         _check(self.weight_decay >= 0, "finetune.weight_decay", ">= 0", self.weight_decay)
@@ -188,12 +232,64 @@ class TransferConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_magnitudes(self, "transfer")
         _check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid), "transfer.l2_grid", "a non-empty list of values >= 0", self.l2_grid)
         _check(self.max_iter >= 1, "transfer.max_iter", ">= 1", self.max_iter)
         _check(self.finetune_epochs >= 0, "transfer.finetune_epochs", ">= 0", self.finetune_epochs)
         _check(self.finetune_lr > 0, "transfer.finetune_lr", "> 0", self.finetune_lr)
-        _check(self.batch_size >= 1, "transfer.batch_size", ">= 1", self.batch_size)
+        _check(self.batch_size >= 2, "transfer.batch_size", ">= 2 (BatchNorm trains on batches of two or more)", self.batch_size)
         _check(self.seed >= 0, "transfer.seed", ">= 0", self.seed)
+
+
+MAX_PARAMS_BYTES = 2**20  # a params file is a few KB; a larger one is not a params file
+MAX_YAML_DEPTH = 16  # params nest two levels; deeper nesting would only recurse the parser
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, minus what a params file never needs and an attacker would use.
+
+    Aliases are refused: a few hundred bytes of nested aliases ("billion laughs") expand to
+    gigabytes. Nesting is bounded, since composing recurses once per level. A key given twice
+    is an error (YAML would keep the last one silently).
+    """
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a params file", event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_params(path: Path) -> Any:
+    """The YAML document of the params file ``path``, read strictly (see :class:`_StrictLoader`)."""
+    if not path.is_file():
+        raise ConfigError(f"params file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"params file {path} is {size} bytes; a params file must be under {MAX_PARAMS_BYTES} bytes")
+    try:
+        return yaml.load(path.read_bytes()[: MAX_PARAMS_BYTES + 1], Loader=_StrictLoader)  # noqa: S506 (a safe loader)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"params file {path} is not valid YAML: {str(error)[:400]}") from None
 
 
 def load_section(path: str | Path | None, section: str) -> dict[str, Any]:
@@ -205,17 +301,13 @@ def load_section(path: str | Path | None, section: str) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file {path} does not exist")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"params file {path} is not valid YAML: {error}") from None
+    document = _read_params(path)
     if not isinstance(document, dict):
         raise ConfigError(f"params file {path} must hold a mapping of sections (prepare:, pretrain:, ...), got {type(document).__name__}")
     if section not in document:
+        sections = ", ".join(shown(str(name), 40) for name in list(document)[:20])
         raise ConfigError(
-            f"params file {path} has no {section!r} section (it has {', '.join(map(str, document)) or 'none'}); "
+            f"params file {path} has no {section!r} section (it has {sections or 'none'}); "
             f"add '{section}: {{}}' to use the defaults"
         )
     values = document[section]
@@ -274,15 +366,16 @@ def _coerce(section: str, name: str, annotation: Any, value: Any) -> Any:
         else:
             type_name = getattr(annotation, "__name__", str(annotation))
         finite = " (finite)" if annotation is float or typing.get_args(annotation) == (float,) else ""
-        raise ConfigError(f"{key} must be of type {type_name}{finite}, got {value!r}") from None
+        raise ConfigError(f"{key} must be of type {type_name}{finite}, got {shown(value)}") from None
 
 
 def build_config(cls, section: str, values: dict[str, Any]):
     """Instantiate ``cls`` from a mapping, naming unknown keys and bad values."""
     types = _field_types(cls)
-    unknown = sorted(str(key) for key in values if key not in types)
+    unknown = sorted(shown(str(key), 40).strip("'") for key in values if key not in types)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(f'{section}.{k}' for k in unknown)}; known: {', '.join(types)}")
+        listed = ", ".join(f"{section}.{key}" for key in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ConfigError(f"unknown setting(s) {listed}; known: {', '.join(types)}")
     return cls(**{name: _coerce(section, name, types[name], value) for name, value in values.items()})
 
 

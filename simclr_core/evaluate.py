@@ -253,7 +253,9 @@ def train_classifier(
 ) -> Classifier:
     """Fine-tune all of ``network`` with crop + flip, SGD (Nesterov, momentum 0.9) and a cosine schedule."""
     n = len(labels)
-    batch_size = min(batch_size, n)
+    if n < 2:  # BatchNorm in training mode cannot normalise a batch of one
+        raise ConfigError(f"fine-tuning needs at least 2 labelled images, this label subset has {n}; use a larger label fraction")
+    batch_size = max(2, min(batch_size, n))
     steps_per_epoch = max(1, n // batch_size)
     total_steps = max(min_steps, epochs * steps_per_epoch)
     optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
