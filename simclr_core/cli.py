@@ -71,10 +71,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from simclr_core.config import PrepareConfig, config_from_args
     from simclr_core.data import prepare
+    from simclr_core.runlock import run_lock
     from simclr_core.storage import is_remote, staged_input, staged_output
 
     config = config_from_args(PrepareConfig, args.section, args)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(run_lock(args.out, beside=True))  # before prepare() cleans up temporaries beside --out
         if is_remote(config.source_root):
             config = dataclasses.replace(config, source_root=str(stack.enter_context(staged_input(config.source_root))))
         out = stack.enter_context(staged_output(args.out, last=("manifest.json",)))  # the manifest goes up last
@@ -88,16 +90,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.config import PretrainConfig, config_from_args
-    from simclr_core.distributed import destroy_distributed, init_distributed
+    from simclr_core.distributed import destroy_distributed, init_distributed, read_launch_env
     from simclr_core.data import PreparedDataset
     from simclr_core.storage import staged_input
     from simclr_core.train import check_world_size, pretrain
 
     config = config_from_args(PretrainConfig, "pretrain", args)
-    world_size = os.environ.get("WORLD_SIZE", "1")
+    launch = read_launch_env()
     with staged_input(args.data) as data:
         # before any rendezvous: a launch that cannot work fails here instead of hanging there
-        check_world_size(config, int(world_size) if world_size.isdigit() else 1, len(PreparedDataset(data, verify=False).images("train")))
+        check_world_size(config, launch.world_size, len(PreparedDataset(data, verify=False).images("train")))
         env = init_distributed(device=None if args.device == "auto" else args.device, timeout_s=config.collective_timeout_s)
         if not env.is_main:
             logging.getLogger().setLevel(logging.WARNING)

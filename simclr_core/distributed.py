@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simclr_core.config import ConfigError
+from simclr_core.config import ConfigError, shown
 
 __all__ = [
     "DistEnv",
+    "LaunchEnv",
+    "read_launch_env",
     "init_distributed",
     "destroy_distributed",
     "get_world_size",
@@ -71,14 +73,70 @@ class DistEnv:
         return self.rank == 0
 
 
-def _env_int(name: str, default: int) -> int:
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """The torch.distributed variables of this process, parsed once and checked together.
+
+    Attributes:
+        world_size: WORLD_SIZE (1 when unset).
+        rank: RANK, in [0, world_size).
+        local_rank: LOCAL_RANK, >= 0.
+        master_addr: MASTER_ADDR (or PET_MASTER_ADDR); "" for a single process.
+        master_port: MASTER_PORT (or PET_MASTER_PORT), a TCP port; 0 for a single process.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+
+
+_MAX_WORLD_SIZE = 2**20
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    """The variable ``name`` as a plain decimal integer in [low, high]: no sign, no spaces, no '1e3'.
+
+    int() would accept " 3" and "+3", which other readers of the same variable (torch's own
+    parsing, a shell test) may not: one strict reading is what every part of a job agrees on.
+    """
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+    if not (raw.isascii() and raw.isdigit()):
+        raise ConfigError(f"environment variable {name}={shown(raw, 40)} is not a plain decimal integer")
+    value = int(raw)
+    if not low <= value <= high:
+        raise ConfigError(f"environment variable {name}={raw} is out of range: expected {low} to {high}")
+    return value
+
+
+def read_launch_env() -> LaunchEnv:
+    """Parse WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or their PET_* forms).
+
+    Raises:
+        ConfigError: naming the variable, when one is malformed, out of range, or missing
+            for a job of more than one process.
+    """
+    world_size = _env_int("WORLD_SIZE", 1, 1, _MAX_WORLD_SIZE)
+    rank = _env_int("RANK", 0, 0, _MAX_WORLD_SIZE)
+    local_rank = _env_int("LOCAL_RANK", 0, 0, _MAX_WORLD_SIZE)
+    if rank >= world_size:
+        raise ConfigError(f"RANK must be in [0, WORLD_SIZE={world_size}), got {rank}")
+    if world_size == 1:
+        return LaunchEnv(local_rank=local_rank)
+    addr = os.environ.get("MASTER_ADDR") or os.environ.get(_ENV_FALLBACKS["MASTER_ADDR"], "")
+    port_name = "MASTER_PORT" if os.environ.get("MASTER_PORT") else _ENV_FALLBACKS["MASTER_PORT"]
+    missing = [name for name, value in (("MASTER_ADDR", addr), ("MASTER_PORT", os.environ.get(port_name))) if not value]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set; launch with "
+            "torchrun or set the rendezvous variables the Training Operator sets"
+        )
+    if addr != addr.strip() or any(c.isspace() for c in addr) or len(addr) > 253:
+        raise ConfigError(f"environment variable MASTER_ADDR={shown(addr, 60)} is not a host name or address")
+    return LaunchEnv(world_size, rank, local_rank, addr, _env_int(port_name, 0, 1, 65535))
 
 
 def init_distributed(
@@ -101,13 +159,8 @@ def init_distributed(
         ConfigError (a ValueError): when the environment is inconsistent (rank out of range, missing
             MASTER_ADDR/MASTER_PORT with WORLD_SIZE > 1, NCCL without CUDA).
     """
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if world_size < 1:
-        raise ConfigError(f"WORLD_SIZE must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"RANK must be in [0, WORLD_SIZE={world_size}), got {rank}")
+    launch = read_launch_env()
+    world_size, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
 
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -121,15 +174,8 @@ def init_distributed(
     if world_size == 1:
         return DistEnv(0, 1, 0, None, compute_device)
 
-    for name, fallback in _ENV_FALLBACKS.items():
-        if not os.environ.get(name) and os.environ.get(fallback):
-            os.environ[name] = os.environ[fallback]
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise ConfigError(
-            f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set; launch with "
-            "torchrun or set the rendezvous variables the Training Operator sets"
-        )
+    # env:// reads the plain names; an elastic launch may have set only the PET_* ones
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = launch.master_addr, str(launch.master_port)
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
         raise ConfigError("backend 'nccl' needs CUDA; use 'gloo' on CPU")

@@ -565,6 +565,16 @@ def _missing_params_file(ctx: Ctx) -> list:
     return [*pretrain_args(ctx, ctx.prepared), "--params", ctx.tmp / "nope" / "params.yaml"]
 
 
+_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+) + "pretrain:\n  epochs: *i\n"  # 500 bytes that expand to 9**9 strings
+
+
+def _huge_params(ctx: Ctx) -> list:
+    params = _params(ctx, "pretrain:\n  epochs: 1\n" + "# padding\n" * 200_000)
+    return [*pretrain_args(ctx, ctx.prepared), "--params", params]
+
+
 # ------------------------------------------------------------------------------ world-size rows
 
 
@@ -572,7 +582,20 @@ def _world(size: int, *extra) -> Callable[[Ctx], list]:
     def build(ctx: Ctx) -> list:
         ctx.monkeypatch.setenv("WORLD_SIZE", str(size))
         ctx.monkeypatch.setenv("RANK", "0")
+        ctx.monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # nobody listens: the check must come before any rendezvous
+        ctx.monkeypatch.setenv("MASTER_PORT", "9")
         return [*pretrain_args(ctx, ctx.prepared), *extra]
+
+    return build
+
+
+def _env_row(**variables: str) -> Callable[[Ctx], list]:
+    """The stage run with these torch.distributed variables; malformed ones must fail before any rendezvous."""
+
+    def build(ctx: Ctx) -> list:
+        for name, value in variables.items():
+            ctx.monkeypatch.setenv(name, value)
+        return [*pretrain_args(ctx, ctx.prepared), "--collective-timeout-s", "5"]
 
     return build
 
@@ -738,10 +761,41 @@ ROWS = [
     BadInput("params-list-of-words", _params_row("linear-eval", "linear_eval:\n  l2_grid: [small, big]\n"), USAGE, "linear_eval.l2_grid must be of type list of float"),
     BadInput("params-file-missing", _missing_params_file, USAGE, "nope/params.yaml does not exist"),
     BadInput("option-negative-seed", _eval_row("finetune", None, None, "--seed", "-1"), USAGE, "finetune.seed must be >= 0"),
+    BadInput("params-billion-laughs", _params_row("pretrain", _LAUGHS), USAGE, "aliases (*a) are not allowed in a params file"),
+    BadInput("params-merge-key-alias", _params_row("linear-eval", "base: &base {max_iter: 5}\nlinear_eval:\n  <<: *base\n"), USAGE, "aliases (*base) are not allowed"),
+    BadInput("params-deep-nesting", _params_row("pretrain", "pretrain: " + "[" * 100_000 + "]" * 100_000 + "\n"), USAGE, "nested deeper than 16 levels"),
+    BadInput("params-deep-block-nesting", _params_row("finetune", "".join(f"{'  ' * i}k{i}:\n" for i in range(40)) + "finetune: {}\n"), USAGE, "nested deeper than 16 levels"),
+    BadInput("params-duplicate-key", _params_row("pretrain", "pretrain:\n  epochs: 1\n  epochs: 2\n"), USAGE, "key 'epochs' is given twice"),
+    BadInput("params-duplicate-section", _params_row("transfer", "transfer: {}\ntransfer: {max_iter: 3}\n"), USAGE, "key 'transfer' is given twice"),
+    BadInput("params-too-large", _huge_params, USAGE, "a params file must be under 1048576 bytes"),
+    BadInput("option-huge-seed", _eval_row("finetune", None, None, "--seed", "99999999999999999999999"), USAGE, "finetune.seed must be an integer of magnitude <= 2147483647"),
+    BadInput("option-huge-int", _params_row("pretrain", "pretrain:\n  checkpoint_every: 3000000000\n"), USAGE, "pretrain.checkpoint_every must be an integer of magnitude"),
+    BadInput("option-huge-warmup", _params_row("pretrain", "pretrain: {}\n", "--warmup-epochs", "1e308"), USAGE, "pretrain.warmup_epochs must be a finite number of magnitude"),
+    BadInput("option-huge-epochs", _params_row("pretrain", "pretrain: {}\n", "--epochs", "1" * 20), USAGE, "pretrain.epochs must be an integer of magnitude"),
+    BadInput("option-huge-width", _params_row("pretrain", "pretrain: {}\n", "--width-multiplier", "1000"), USAGE, "pretrain.width_multiplier must be in (0, 8]"),
+    BadInput("option-huge-lr", _eval_row("finetune", None, None, "--lr", "1e300"), USAGE, "finetune.lr must be a finite number of magnitude"),
+    BadInput("option-nan-momentum", _params_row("pretrain", "pretrain: {}\n", "--momentum", "nan"), USAGE, "pretrain.momentum must be of type float (finite)"),
+    BadInput("option-huge-l2", _eval_row("linear-eval", None, None, "--l2-grid", "1e-4,1e300"), USAGE, "linear_eval.l2_grid must be a finite number"),
+    BadInput("finetune-batch-of-one", _eval_row("finetune", None, None, "--batch-size", "1", "--head-layers", "1"), USAGE, "finetune.batch_size must be >= 2"),
+    BadInput("transfer-batch-of-one", _eval_row("transfer", None, None, "--batch-size", "1"), USAGE, "transfer.batch_size must be >= 2"),
+    BadInput("option-long-value", _eval_row("finetune", None, None, "--epochs", "x" * 100_000), USAGE, "(100002 chars)"),
     # -- processes
     BadInput("batch-not-divisible-by-world-size", _world(3), USAGE, "must be a multiple of the number of processes (3)"),
     BadInput("more-processes-than-batch", _world(32), USAGE, "must be a multiple of the number of processes (32)"),
     BadInput("more-processes-than-samples", _world(64, "--batch-size", "64"), USAGE, "64 processes cannot each get an image"),
+    BadInput("world-size-zero", _env_row(WORLD_SIZE="0"), USAGE, "WORLD_SIZE=0 is out of range: expected 1 to"),
+    BadInput("world-size-with-space", _env_row(WORLD_SIZE=" 3"), USAGE, "WORLD_SIZE=' 3' is not a plain decimal integer"),
+    BadInput("world-size-signed", _env_row(WORLD_SIZE="+2"), USAGE, "WORLD_SIZE='+2' is not a plain decimal integer"),
+    BadInput("world-size-float", _env_row(WORLD_SIZE="2.0"), USAGE, "WORLD_SIZE='2.0' is not a plain decimal integer"),
+    BadInput("world-size-unicode-digits", _env_row(WORLD_SIZE="\u0662"), USAGE, "is not a plain decimal integer"),
+    BadInput("rank-negative", _env_row(WORLD_SIZE="2", RANK="-1"), USAGE, "RANK='-1' is not a plain decimal integer"),
+    BadInput("rank-past-world", _env_row(WORLD_SIZE="2", RANK="2"), USAGE, "RANK must be in [0, WORLD_SIZE=2), got 2"),
+    BadInput("master-port-too-big", _env_row(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="99999"), USAGE, "MASTER_PORT=99999 is out of range: expected 1 to 65535"),
+    BadInput("master-port-zero", _env_row(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0"), USAGE, "MASTER_PORT=0 is out of range"),
+    BadInput("pet-master-port-bad", _env_row(WORLD_SIZE="2", RANK="1", PET_MASTER_ADDR="h", PET_MASTER_PORT="http"), USAGE, "PET_MASTER_PORT='http' is not a plain decimal integer"),
+    BadInput("master-addr-with-space", _env_row(WORLD_SIZE="2", RANK="1", MASTER_ADDR="host name", MASTER_PORT="29500"), USAGE, "MASTER_ADDR='host name' is not a host name"),
+    BadInput("master-addr-missing", _env_row(WORLD_SIZE="2", RANK="1", MASTER_PORT="29500"), USAGE, "WORLD_SIZE=2 but MASTER_ADDR is not set"),
+    BadInput("local-rank-garbage", _env_row(LOCAL_RANK="zero"), USAGE, "LOCAL_RANK='zero' is not a plain decimal integer"),
     # -- gs:// URIs: no bucket is a usage error; storage that does not answer is a failure after retries
     BadInput("gs-model-without-bucket", _gs("linear-eval", "--model", "gs:///model.pt", "--data", "DATA", "--out", "OUT"), USAGE, "names no bucket"),
     BadInput("gs-out-without-bucket", _gs("prepare", "--source", "digits", "--out", "gs://"), USAGE, "names no bucket"),
@@ -890,3 +944,12 @@ def test_prepare_cleans_up_after_a_run_killed_half_way(ctx):
     assert PreparedDataset(ctx.out).manifest["splits"]["train"]["images"] > 0  # the old dataset is back
     assert not _leftovers(ctx.tmp)
     assert _cli(prepare_args(ctx, folder)) == OK and not _leftovers(ctx.tmp)
+
+
+def test_error_messages_stay_short_whatever_the_value(ctx, capsys):
+    """A bad value is echoed cut to a line: a megabyte of it does not become a megabyte of log."""
+    params = _params(ctx, "pretrain:\n  arch: " + "r" * 500_000 + "\n  " + "k" * 200_000 + ": 1\n")
+    assert _cli([*pretrain_args(ctx, ctx.prepared), "--params", params]) == USAGE
+    assert len(capsys.readouterr().err) < 1000
+    assert _cli([*pretrain_args(ctx, ctx.prepared), "--lr-scaling", "q" * 1_000_000]) == USAGE
+    assert len(capsys.readouterr().err) < 1000
