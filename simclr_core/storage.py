@@ -9,8 +9,9 @@ GCS goes through the official ``google-cloud-storage`` client (no gsutil subproc
 finds credentials the usual way (workload identity, ``GOOGLE_APPLICATION_CREDENTIALS``), or
 talks to an emulator when ``STORAGE_EMULATOR_HOST`` is set. Transient errors (connection
 resets, 429, 5xx) are retried with exponential backoff for up to ``SIMCLR_GCS_RETRY_SECONDS``
-seconds (default 120), then raise :class:`StorageUnavailable`. A URI without a bucket, a
-missing bucket or object, or denied access raise :class:`StorageError`, naming the URI.
+seconds (default 120; a finite number in (0, 86400]), then raise :class:`StorageUnavailable`.
+A URI without a bucket or with a bucket name that breaks the service's naming rules, a missing
+bucket or object, or denied access raise :class:`StorageError`, naming the URI.
 
 S3 and S3-compatible stores (MinIO, which ships with Kubeflow; Ceph; ...) go through boto3. It
 finds credentials the usual way (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, IRSA
@@ -20,20 +21,26 @@ MinIO expects. Retries use botocore's standard mode for ``SIMCLR_S3_MAX_ATTEMPTS
 Objects appear only when their (multipart) upload completes, as on GCS.
 
 Steps that need a local directory (a prepared dataset is memory-mapped) use
-:func:`staged_input` / :func:`staged_output`, which download or upload a whole tree.
+:func:`staged_input` / :func:`staged_output`, which download or upload a whole tree. A store is a
+context manager: closing it removes the local scratch directory of a gs:// or s3:// store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import stat
 import tempfile
+import weakref
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any, Callable, Iterator
 
 __all__ = [
@@ -48,6 +55,7 @@ S3_PREFIX = "s3://"
 REMOTE_PREFIXES = (GS_PREFIX, S3_PREFIX)
 RESUMABLE_CHUNK_BYTES = 16 * 1024 * 1024  # files above this go up in resumable chunks
 _RETRY_SECONDS_ENV = "SIMCLR_GCS_RETRY_SECONDS"
+_MAX_RETRY_SECONDS = 86400.0  # a day: past that a "retry" is a hang
 
 
 class StorageError(ValueError):
@@ -107,12 +115,48 @@ def is_remote(uri: str | Path) -> bool:
 
 
 def split_uri(uri: str) -> tuple[str, str, str]:
-    """``s3://bucket/a/b`` -> ("s3://", "bucket", "a/b"); a URI without a bucket is a StorageError."""
+    """``s3://bucket/a/b`` -> ("s3://", "bucket", "a/b").
+
+    A URI without a bucket, or whose bucket name breaks the service's naming rules, is a
+    StorageError naming the URI and the rule: the client libraries would otherwise fail later
+    with a ValueError, or send the name (a newline and all) in a request.
+    """
     scheme = next(prefix for prefix in REMOTE_PREFIXES if uri.startswith(prefix))
     bucket, _, key = uri[len(scheme) :].partition("/")
     if not bucket or bucket in (".", ".."):
         raise StorageError(f"{uri!r} names no bucket: expected {scheme}BUCKET/PATH")
+    broken = _bucket_name_problem(bucket, gcs=scheme == GS_PREFIX)
+    if broken:
+        raise StorageError(f"{uri!r} is not a valid {scheme} URI: the bucket name {bucket!r} {broken}")
     return scheme, bucket, key.strip("/")
+
+
+# Bucket naming rules: https://cloud.google.com/storage/docs/buckets#naming and
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html. The reserved
+# S3 prefixes and suffixes are left out: they name access points and directory buckets, which
+# are addressed like buckets.
+_GCS_BUCKET_CHARS = re.compile(r"[a-z0-9._-]+")
+_S3_BUCKET_CHARS = re.compile(r"[a-z0-9.-]+")
+
+
+def _bucket_name_problem(name: str, gcs: bool) -> str | None:
+    """Which naming rule ``name`` breaks (a phrase to follow "the bucket name ..."), or None."""
+    longest = 222 if gcs and "." in name else 63
+    if not 3 <= len(name) <= longest:
+        return f"must be 3 to {longest} characters long, not {len(name)}" + (" (up to 222 with dots)" if gcs and longest == 63 else "")
+    if not (_GCS_BUCKET_CHARS if gcs else _S3_BUCKET_CHARS).fullmatch(name):  # fullmatch: a trailing newline too
+        allowed = "lowercase letters, digits, dashes, underscores and dots" if gcs else "lowercase letters, digits, dashes and dots"
+        return f"may contain only {allowed}"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "must start and end with a letter or a digit"
+    if ".." in name:
+        return "must not contain two dots in a row"
+    if gcs and any(len(part) > 63 for part in name.split(".")):
+        return "must not have a dot-separated part longer than 63 characters"
+    with contextlib.suppress(ValueError):
+        ipaddress.IPv4Address(name)
+        return "must not be an IP address"
+    return None
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:
@@ -132,9 +176,21 @@ def join(uri: str | Path, *parts: str) -> str:
 
 
 class Store:
-    """Files under one root (a directory or a gs:// prefix), addressed by relative keys ``a/b.pt``."""
+    """Files under one root (a directory or a gs:// prefix), addressed by relative keys ``a/b.pt``.
+
+    Use it as a context manager (or call :meth:`close`) so that local scratch space goes away.
+    """
 
     root: str
+
+    def close(self) -> None:
+        """Release what the store holds locally (a remote store's scratch directory)."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close()
 
     def uri(self, key: str) -> str:
         return join(self.root, key)
@@ -225,11 +281,16 @@ class LocalStore(Store):
 
 
 def _retry_seconds() -> float:
+    """SIMCLR_GCS_RETRY_SECONDS: finite and in (0, 86400]. NaN would compare false against the
+    deadline and retry forever; 0 or less would never retry at all."""
     value = os.environ.get(_RETRY_SECONDS_ENV, "120")
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise StorageError(f"{_RETRY_SECONDS_ENV}={value!r}: expected a number of seconds") from None
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= _MAX_RETRY_SECONDS):
+        raise StorageError(f"{_RETRY_SECONDS_ENV}={value!r}: expected a number of seconds in (0, {_MAX_RETRY_SECONDS:g}]")
+    return seconds
 
 
 class _BucketStore(Store):
@@ -256,7 +317,15 @@ class _BucketStore(Store):
     def scratch_dir(self) -> Path:
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="simclr-upload-"))
+            # a safety net for a store never closed: removed when it is collected or at exit
+            self._remove_scratch = weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         return self._scratch
+
+    def close(self) -> None:
+        """Remove the scratch directory (a half-written upload in it is of no use to anyone)."""
+        if self._scratch is not None:
+            self._remove_scratch()
+            self._scratch = None
 
 
 class GCSStore(_BucketStore):
@@ -504,7 +573,8 @@ def read_bytes(uri: str | Path) -> bytes:
         parent, _, name = str(uri).rstrip("/").rpartition("/")
         if not name or parent in ("gs:", "gs:/", "s3:", "s3:/"):
             raise StorageError(f"{uri!r} names no object: expected {split_uri(str(uri))[0]}BUCKET/PATH")
-        return open_store(parent).read_bytes(name)
+        with open_store(parent) as store:
+            return store.read_bytes(name)
     try:
         return Path(uri).read_bytes()
     except FileNotFoundError:
@@ -520,11 +590,10 @@ def staged_input(uri: str | Path) -> Iterator[Path]:
     if not is_remote(uri):
         yield Path(uri)
         return
-    store = open_store(uri)
-    keys = store.list()
-    if not keys:
-        raise StorageError(f"{uri} holds no objects")
-    with tempfile.TemporaryDirectory(prefix="simclr-input-") as local:
+    with open_store(uri) as store, tempfile.TemporaryDirectory(prefix="simclr-input-") as local:
+        keys = store.list()
+        if not keys:
+            raise StorageError(f"{uri} holds no objects")
         log.info("downloading %d object(s) from %s", len(keys), uri)
         for key in keys:
             store.get_file(key, Path(local, key))
@@ -542,8 +611,7 @@ def staged_output(uri: str | Path, upload: bool = True, last: tuple[str, ...] = 
     if not is_remote(uri):
         yield Path(uri)
         return
-    store = open_store(uri)
-    with tempfile.TemporaryDirectory(prefix="simclr-output-") as scratch:
+    with open_store(uri) as store, tempfile.TemporaryDirectory(prefix="simclr-output-") as scratch:
         local = Path(scratch, "out")  # not created: writers that create their directory work too
         yield local
         if upload and local.is_dir():
