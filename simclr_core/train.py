@@ -37,6 +37,7 @@ from simclr_core.loss import NTXentLoss
 from simclr_core.models import SimCLRModel, uses_cifar_stem
 from simclr_core.monitoring import TrainingMonitor
 from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
+from simclr_core.runlock import run_lock
 from simclr_core.storage import Store, open_store, staged_output
 
 __all__ = ["pretrain", "check_world_size", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
@@ -205,10 +206,11 @@ def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, 
     ``out_dir`` is a local directory or a gs:// or s3:// URI. Checkpoints go there as they are written
     (see :class:`CheckpointManager`); the run resumes from the newest good one. The DVCLive
     metrics (``live/``) and ``model.pt`` are written locally and, for gs:// and s3://, uploaded at the end.
+    Rank 0 holds the lock of a local ``out_dir`` throughout (see :mod:`simclr_core.runlock`),
+    taken before anything there is cleaned up: a second run on it is refused with RunLocked.
     Returns the final epoch's metrics.
     """
-    store = open_store(out_dir)
-    with staged_output(out_dir, upload=env.is_main) as local_out:
+    with run_lock(out_dir, enabled=env.is_main), open_store(out_dir) as store, staged_output(out_dir, upload=env.is_main) as local_out:
         return _pretrain(config, data_dir, store, local_out, env)
 
 
