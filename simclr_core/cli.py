@@ -83,6 +83,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         manifest = prepare(config, out)
     splits = ", ".join(f"{name} {info['images']}" for name, info in manifest["splits"].items())
     log.info("prepared %s into %s: %s images of shape %s", config.source, args.out, splits, manifest["image_shape"])
+    if "test" not in manifest["splits"]:
+        log.warning("%s has no test split: linear-eval, finetune and report score the encoder on it; "
+                    "give the image folder a test/ folder (class subfolders, as in train/)", args.out)
     if manifest["skipped"]:
         log.warning("skipped %d unreadable or non-image file(s); they are listed in %s/manifest.json", len(manifest["skipped"]), args.out)
     return EXIT_OK

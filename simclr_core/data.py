@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from simclr_core import __version__
-from simclr_core.config import ConfigError, PrepareConfig
+from simclr_core.config import ConfigError, PrepareConfig, shown
+from simclr_core.manifest import SourceError, check_array, check_labels, check_manifest, read_manifest, read_subsets
 from simclr_core.storage import sha256_file
 
 __all__ = ["RawSplits", "prepare", "PreparedDataset", "load_source", "class_balanced_subset", "DEBIAN_FASHION_MNIST"]
@@ -56,10 +57,6 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FORMAT_VERSION = 1  # of the prepared dataset layout; PreparedDataset refuses other versions
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class SourceError(ValueError):
-    """The source is missing, empty or unreadable; the message names the path."""
 
 
 @dataclasses.dataclass
@@ -695,35 +692,30 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
 class PreparedDataset:
     """Read access to a prepared dataset directory (images memory-mapped).
 
-    Opening one checks it: the manifest's ``format_version`` must be :data:`FORMAT_VERSION`
-    (a manifest without the field predates it and has the same layout), and, with ``verify``,
-    every file the manifest lists must be there with its sha256. Failures are SourceErrors
-    that name the file and say to run ``simclr prepare`` again.
+    Opening one checks it without reading the data (:mod:`simclr_core.manifest`): the
+    manifest's ``format_version`` must be :data:`FORMAT_VERSION` (a manifest without the field
+    predates it and has the same layout), the manifest must match its schema, and every
+    split's arrays must have the dtype and shape it gives. With ``verify``, every file the
+    manifest lists must also match its sha256. Failures are SourceErrors that name the file
+    and say to run ``simclr prepare`` again.
     """
 
     def __init__(self, root: str | Path, verify: bool = True) -> None:
         self.root = Path(root)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise SourceError(f"{self.root} is not a prepared dataset (no manifest.json); run `simclr prepare` first")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise SourceError(f"{manifest_path} is not valid JSON ({error}); run `simclr prepare` again") from None
-        if not isinstance(manifest, dict):
-            raise SourceError(f"{manifest_path} does not hold a JSON object; run `simclr prepare` again")
+        manifest = read_manifest(self.root)
         version = manifest.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise SourceError(
-                f"{self.root} is a prepared dataset of format version {version!r}, but this simclr_core ({__version__}) "
+                f"{self.root} is a prepared dataset of format version {shown(version, 20)}, but this simclr_core ({__version__}) "
                 f"reads version {FORMAT_VERSION}; run `simclr prepare` again to rewrite it"
             )
-        missing = [key for key in ("class_names", "image_shape", "files") if key not in manifest]
-        if missing or not isinstance(manifest.get("files"), dict):
-            raise SourceError(f"{manifest_path} lacks {', '.join(missing) or 'a valid files'} entry; run `simclr prepare` again")
+        check_manifest(self.root, manifest)
         self.manifest = manifest
         self.class_names: list[str] = manifest["class_names"]
         self.image_shape: tuple[int, int, int] = tuple(manifest["image_shape"])
+        for split, counts in manifest["splits"].items():
+            check_array(self.root / f"{split}_images.npy", np.dtype(np.uint8), (counts["images"], *self.image_shape))
+            check_array(self.root / f"{split}_labels.npy", np.dtype(np.int64), (counts["images"],))
         if verify:
             self.verify()
 
@@ -731,8 +723,6 @@ class PreparedDataset:
         """Check that every file the manifest lists is there and matches its sha256."""
         manifest_path = self.root / "manifest.json"
         for name, expected in sorted(self.manifest["files"].items()):
-            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
-                raise SourceError(f"{manifest_path} lists {name!r}, which is not a file name; run `simclr prepare` again")
             path = self.root / name
             if not path.is_file():
                 raise SourceError(
@@ -750,28 +740,42 @@ class PreparedDataset:
         return len(self.class_names)
 
     def has_split(self, split: str) -> bool:
-        return (self.root / f"{split}_images.npy").is_file()
+        return split in self.manifest["splits"]
+
+    def _split_file(self, split: str, kind: str) -> Path:
+        if split not in self.manifest["splits"]:
+            remedy = _MISSING_SPLIT_REMEDY.get(split, "run `simclr prepare` with a source that has it")
+            raise SourceError(f"{self.root} has no '{split}' split; {remedy}")
+        return self.root / f"{split}_{kind}.npy"
 
     def images(self, split: str) -> np.ndarray:
         """uint8 (N, C, H, W), memory-mapped."""
-        path = self.root / f"{split}_images.npy"
-        if not path.is_file():
-            raise SourceError(f"{self.root} has no '{split}' split ({path.name} is missing)")
-        return np.load(path, mmap_mode="r")
+        return np.load(self._split_file(split, "images"), mmap_mode="r", allow_pickle=False)
 
     def labels(self, split: str) -> np.ndarray:
-        return np.load(self.root / f"{split}_labels.npy")
+        """int64 (N,): a class index, or -1 for an unlabelled image."""
+        path = self._split_file(split, "labels")
+        labels = np.load(path, allow_pickle=False)
+        check_labels(path, labels, self.num_classes)
+        return labels
 
     def subset(self, fraction: float) -> np.ndarray:
         """Training indices of the class-balanced ``fraction`` label subset."""
-        subsets = json.loads((self.root / "subsets.json").read_text())
+        subsets = read_subsets(self.root / "subsets.json", self.labels("train"))
         key = next((k for k in subsets if abs(float(k) - fraction) < 1e-9), None)
         if key is None:
             raise ConfigError(f"label fraction {fraction} was not prepared; {self.root} has {sorted(subsets)}")
-        return np.asarray(subsets[key], dtype=np.int64)
+        return subsets[key]
 
     def tensor(self, split: str, index: np.ndarray | None = None) -> torch.Tensor:
         """uint8 (N, C, H, W) tensor of ``split`` (rows ``index`` if given)."""
         images = self.images(split)
         array = images[index] if index is not None else np.asarray(images)
         return torch.from_numpy(np.ascontiguousarray(array))
+
+
+_MISSING_SPLIT_REMEDY = {
+    "test": "every evaluation scores the encoder on the test split: give the image folder a test/ folder "
+    "(class subfolders, as in train/) and run `simclr prepare` again",
+    "val": "run `simclr prepare` again with prepare.val_fraction > 0",
+}

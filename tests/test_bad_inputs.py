@@ -500,6 +500,66 @@ def _manifest_garbage(ctx: Ctx) -> Path:
     return data
 
 
+def _swap_file(name: str, write: Callable[[Path, Ctx], None]) -> Callable[[Ctx], Path]:
+    """A copy of the dataset with ``name`` rewritten by ``write`` AND its sha256 updated in the
+    manifest: only the checks of shapes, dtypes and ranges stand between it and the stages."""
+
+    def make(ctx: Ctx) -> Path:
+        data = ctx.copy_prepared()
+        write(data / name, ctx)
+        manifest = ctx.manifest(data)
+        manifest["files"][name] = storage.sha256_file(data / name)
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        return data
+
+    return make
+
+
+def _npy(array_of: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path, Ctx], None]:
+    def write(path: Path, ctx: Ctx) -> None:
+        original = np.load(path)
+        np.save(path, array_of(original), allow_pickle=True)
+
+    return write
+
+
+def _object_array(original: np.ndarray) -> np.ndarray:
+    array = np.empty(len(original), dtype=object)
+    array[:] = [{"pickled": index} for index in range(len(original))]
+    return array
+
+
+def _json_file(value) -> Callable[[Path, Ctx], None]:
+    return lambda path, ctx: path.write_text(json.dumps(value))
+
+
+def _manifest_list(ctx: Ctx) -> Path:
+    data = ctx.copy_prepared()
+    (data / "manifest.json").write_text("[1, 2]")
+    return data
+
+
+def _deep_manifest(ctx: Ctx) -> Path:
+    data = ctx.copy_prepared()
+    (data / "manifest.json").write_text('{"format_version": 1, "class_names": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    return data
+
+
+def _truncated_images(ctx: Ctx) -> Path:
+    data = ctx.copy_prepared()
+    path = data / "test_images.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    return data
+
+
+def _no_test_split(ctx: Ctx) -> Path:
+    """What prepare makes of an image folder without test/: a dataset with train and val only."""
+    root = ctx.folder(classes=2, train=6)
+    shutil.rmtree(root / "test")
+    assert _cli(["prepare", "--source", "imagefolder", "--source-root", root, "--out", ctx.tmp / "data"]) == OK
+    return ctx.tmp / "data"
+
+
 # ------------------------------------------------------------------------------ checkpoint rows
 
 
@@ -739,7 +799,34 @@ ROWS = [
     BadInput("dataset-of-another-version", _eval_row("finetune", None, _manifest_edit(lambda m: m.update(format_version=99))), USAGE,
              "format version 99, but this simclr_core"),
     BadInput("manifest-not-json", _eval_row("transfer", None, _manifest_garbage), USAGE, "manifest.json is not valid JSON"),
-    BadInput("manifest-lists-a-path", _pretrain_on(_manifest_edit(lambda m: m["files"].update({"../secret": "0" * 64}))), USAGE, "which is not a file name"),
+    BadInput("manifest-lists-a-path", _pretrain_on(_manifest_edit(lambda m: m["files"].update({"../secret": "0" * 64}))), USAGE, "is not a valid manifest: at files"),
+    BadInput("manifest-files-empty", _pretrain_on(_manifest_edit(lambda m: m.update(files={}))), USAGE, "is not a valid manifest: at files: 'subsets.json' is a required property"),
+    BadInput("manifest-files-without-an-array", _eval_row("linear-eval", None, _manifest_edit(lambda m: m["files"].pop("test_images.npy"))), USAGE, "does not list test_images.npy in its files"),
+    BadInput("manifest-bad-sha256", _eval_row("finetune", None, _manifest_edit(lambda m: m["files"].update({"train_labels.npy": None}))), USAGE, "at files/train_labels.npy: None is not of type 'string'"),
+    BadInput("manifest-class-names-null", _eval_row("linear-eval", None, _manifest_edit(lambda m: m.update(class_names=None))), USAGE, "at class_names: None is not of type 'array'"),
+    BadInput("manifest-class-names-numbers", _pretrain_on(_manifest_edit(lambda m: m.update(class_names=["a", "b", 3]))), USAGE, "at class_names/2: 3 is not of type 'string'"),
+    BadInput("manifest-huge-image-shape", _pretrain_on(_manifest_edit(lambda m: m.update(image_shape=[3, 10**9, 10**9]))), USAGE, "1000000000 is greater than the maximum of 8192"),
+    BadInput("manifest-four-channels", _eval_row("transfer", None, _manifest_edit(lambda m: m.update(image_shape=[4, 16, 16]))), USAGE, "at image_shape/0: 4 is not one of [1, 3]"),
+    BadInput("manifest-without-splits", _eval_row("finetune", None, _manifest_edit(lambda m: m.pop("splits"))), USAGE, "'splits' is a required property"),
+    BadInput("manifest-split-with-a-path", _pretrain_on(_manifest_edit(lambda m: m["splits"].update({"../x": {"images": 1}}))), USAGE, "at splits: '../x' does not match"),
+    BadInput("manifest-count-disagrees", _pretrain_on(_manifest_edit(lambda m: m["splits"]["train"].update(images=10**6))), USAGE, "train_images.npy holds uint8 (54, 3, 16, 16), expected uint8 (1000000, 3, 16, 16)"),
+    BadInput("manifest-deeply-nested", _eval_row("linear-eval", None, _deep_manifest), USAGE, "manifest.json is nested too deeply"),
+    BadInput("manifest-a-list", _pretrain_on(_manifest_list), USAGE, "manifest.json does not hold a JSON object"),
+    BadInput("array-object-dtype", _pretrain_on(_swap_file("train_images.npy", _npy(_object_array))), USAGE, "train_images.npy holds object (54,), expected uint8 (54, 3, 16, 16)"),
+    BadInput("array-object-labels", _eval_row("linear-eval", None, _swap_file("test_labels.npy", _npy(_object_array))), USAGE, "test_labels.npy holds object (18,), expected int64 (18,)"),
+    BadInput("array-images-2d", _eval_row("finetune", None, _swap_file("test_images.npy", _npy(lambda a: a.reshape(len(a), -1)))), USAGE, "test_images.npy holds uint8 (18, 768), expected uint8 (18, 3, 16, 16)"),
+    BadInput("array-four-channels", _pretrain_on(_swap_file("train_images.npy", _npy(lambda a: np.concatenate([a, a[:, :1]], axis=1)))), USAGE, "holds uint8 (54, 4, 16, 16), expected uint8 (54, 3, 16, 16)"),
+    BadInput("array-float-images", _eval_row("transfer", None, _swap_file("train_images.npy", _npy(lambda a: a.astype(np.float32)))), USAGE, "holds float32 (54, 3, 16, 16), expected uint8"),
+    BadInput("array-truncated", _eval_row("linear-eval", None, _truncated_images), USAGE, "test_images.npy is 13852 bytes, but its header promises 13952"),
+    BadInput("array-not-npy", _eval_row("finetune", None, _swap_file("val_labels.npy", lambda path, ctx: path.write_bytes(b"\x93NUMPY\x01\x00garbage"))), USAGE, "val_labels.npy is not a readable .npy file"),
+    BadInput("labels-out-of-range", _eval_row("linear-eval", None, _swap_file("train_labels.npy", _npy(lambda a: a + 7))), USAGE, "train_labels.npy holds labels from 7 to 9, expected -1 to 2"),
+    BadInput("labels-below-minus-one", _eval_row("transfer", None, _swap_file("test_labels.npy", _npy(lambda a: a - 5))), USAGE, "test_labels.npy holds labels from -5 to -3, expected -1 to 2"),
+    BadInput("subsets-not-a-mapping", _eval_row("finetune", None, _swap_file("subsets.json", _json_file([[0, 1]]))), USAGE, "subsets.json does not hold a JSON object"),
+    BadInput("subsets-index-out-of-range", _eval_row("finetune", None, _swap_file("subsets.json", _json_file({"0.1": [0, 10**6], "0.5": [1]}))), USAGE, "subset 0.1 holds indices that are not labelled training images"),
+    BadInput("subsets-bad-fraction", _eval_row("finetune", None, _swap_file("subsets.json", _json_file({"lots": [0]}))), USAGE, "has the entry 'lots': expected a fraction in (0, 1]"),
+    BadInput("subsets-indices-not-ints", _eval_row("finetune", None, _swap_file("subsets.json", _json_file({"0.1": ["0"]}))), USAGE, "expected a fraction in (0, 1] and a list of integers"),
+    BadInput("no-test-split-linear-eval", _eval_row("linear-eval", None, _no_test_split), USAGE, "has no 'test' split; every evaluation scores the encoder on the test split"),
+    BadInput("no-test-split-finetune", _eval_row("finetune", None, _no_test_split), USAGE, "give the image folder a test/ folder"),
     # -- a checkpoint that does not fit
     BadInput("checkpoint-of-another-arch", _eval_row("linear-eval", _model(edit=_other_arch)), USAGE, "do not fit its model_config (arch resnet34"),
     BadInput("checkpoint-missing-keys", _eval_row("finetune", _model(edit=_drop_key)), USAGE, "1 missing weight(s): encoder.layer4.1.bn2.weight"),
