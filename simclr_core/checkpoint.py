@@ -50,9 +50,42 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not one of ours; the message names it."""
 
 
+class _KeepsWriteError:
+    """A binary stream that remembers the OSError of its last failed write.
+
+    torch.save turns a failed write (a full disk) into ``RuntimeError: unexpected pos``,
+    which loses the errno; :func:`torch_save` raises the remembered OSError instead.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._stream.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def torch_save(state: dict[str, Any], stream: Any) -> None:
+    """``torch.save(state, stream)``; a failed write raises its own OSError (ENOSPC, EIO, EROFS)."""
+    keeping = _KeepsWriteError(stream)
+    try:
+        torch.save(state, keeping)
+    except RuntimeError:
+        if keeping.error is None:
+            raise
+        raise keeping.error from None
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to the local ``path`` atomically: temporary file, fsync, rename."""
-    write_atomic(path, lambda stream: torch.save(state, stream), mode="wb")
+    write_atomic(path, lambda stream: torch_save(state, stream), mode="wb")
 
 
 def _load_bytes(data: bytes, source: str, map_location: str | torch.device) -> dict[str, Any]:
@@ -100,7 +133,7 @@ class CheckpointManager:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(handle, "wb") as stream:
-                torch.save(state, stream)
+                torch_save(state, stream)
                 stream.flush()
                 os.fsync(stream.fileno())
             meta = {

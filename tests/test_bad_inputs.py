@@ -1040,3 +1040,28 @@ def test_error_messages_stay_short_whatever_the_value(ctx, capsys):
     assert len(capsys.readouterr().err) < 1000
     assert _cli([*pretrain_args(ctx, ctx.prepared), "--lr-scaling", "q" * 1_000_000]) == USAGE
     assert len(capsys.readouterr().err) < 1000
+
+
+def test_checkpoint_onto_a_really_full_tmpfs(ctx, capsys):
+    """A real full filesystem under a checkpoint (torch.save reported it as "unexpected pos"):
+    exit 1 naming the checkpoint and ENOSPC, and the checkpoint before it stays the latest."""
+    sizing = ctx.tmp / "sizing"
+    assert _cli([*pretrain_args(ctx, ctx.prepared), "--out", sizing]) == OK
+    checkpoint = max((sizing / "checkpoints").glob("step-*.pt")).stat().st_size
+    disk = ctx.tmp / "disk"
+    pages = int(checkpoint * 1.6) // 4096 + 8  # room for one checkpoint and the small files, not for two
+    if not _mount_tmpfs(disk, f"{pages * 4}k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        capsys.readouterr()
+        out = disk / "run"
+        code = _cli([*pretrain_args(ctx, ctx.prepared), "--out", out])
+        stderr = capsys.readouterr().err
+        assert code == FAILURE, stderr[-2000:]
+        assert "Traceback" not in stderr
+        assert re.search(r"simclr pretrain: failed: (\[Errno 28\] )?No space left on device while writing checkpoint \S+step-00000006\.pt", stderr), stderr[-2000:]
+        found = CheckpointManager(LocalStore(out)).load_latest()
+        assert found is not None and found[1]["step"] == 3
+        assert not (out / "model.pt").exists() and not _leftovers(disk)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
