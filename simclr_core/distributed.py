@@ -324,9 +324,13 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         channels = x.shape[1]
-        x32 = x.float()
-        count = x32.new_full((1,), x.numel() / channels)
-        local_mean, local_var = torch.batch_norm_update_stats(x32, None, None, 0.0)  # (C,), (C,) biased
+        # statistics in float32, or in the input's dtype where that is wider (float64)
+        compute = torch.promote_types(torch.float32, x.dtype)
+        xc = x.to(compute)
+        weight_c = weight.to(compute) if weight is not None else None
+        bias_c = bias.to(compute) if bias is not None else None
+        count = xc.new_full((1,), x.numel() / channels)
+        local_mean, local_var = torch.batch_norm_update_stats(xc, None, None, 0.0)  # (C,), (C,) biased
         stats = torch.cat([count, local_mean, local_var * count])  # (1 + 2C,)
         gathered = stats.new_empty(dist.get_world_size() * stats.numel())
         dist.all_gather_into_tensor(gathered, stats)
@@ -335,34 +339,36 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         total = counts.sum()
         mean = (counts * means).sum(dim=0) / total  # (C,)
         var = (m2s + counts * (means - mean).square()).sum(dim=0) / total  # (C,), biased
-        out = torch.batch_norm(x32, weight, bias, mean, var, False, 0.0, eps, False)
-        ctx.save_for_backward(x32, weight, mean, var)
+        out = torch.batch_norm(xc, weight_c, bias_c, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(xc, weight_c, mean, var)
         ctx.eps, ctx.total, ctx.local_count, ctx.input_dtype = eps, total, count, x.dtype
+        ctx.param_dtype = weight.dtype if weight is not None else None
         ctx.mark_non_differentiable(mean, var, total)
         return out.to(x.dtype), mean, var, total
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
-        x32, weight, mean, var = ctx.saved_tensors
-        grad_out = grad_out.float().contiguous(memory_format=_memory_format(x32))
+        xc, weight, mean, var = ctx.saved_tensors
+        grad_out = grad_out.to(xc.dtype).contiguous(memory_format=_memory_format(xc))
         invstd = torch.rsqrt(var + ctx.eps)
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x32, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+            grad_out, xc, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
         )  # grad_weight = sum(dy * xhat), grad_bias = sum(dy), both local; grad_x uses their local means
         sums = torch.cat([grad_bias, grad_weight])  # (2C,)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         global_sum_dy, global_sum_dy_xhat = sums.chunk(2)
-        gamma = weight.float() if weight is not None else torch.ones_like(var)
+        gamma = weight if weight is not None else torch.ones_like(var)
         # grad_x += gamma * invstd * (a + xhat * b): local means out, global means in
         a = grad_bias / ctx.local_count - global_sum_dy / ctx.total
         b = grad_weight / ctx.local_count - global_sum_dy_xhat / ctx.total
         slope = gamma * invstd.square() * b  # per unit of x
         offset = gamma * invstd * a - slope * mean
-        grad_x.addcmul_(x32, _per_channel(slope, x32.dim())).add_(_per_channel(offset, x32.dim()))
+        grad_x.addcmul_(xc, _per_channel(slope, xc.dim())).add_(_per_channel(offset, xc.dim()))
+        has_params = ctx.param_dtype is not None
         return (
             grad_x.to(ctx.input_dtype),
-            grad_weight if weight is not None else None,
-            grad_bias if weight is not None else None,
+            grad_weight.to(ctx.param_dtype) if has_params else None,
+            grad_bias.to(ctx.param_dtype) if has_params else None,
             None,
         )
 
@@ -405,6 +411,9 @@ def _replace_bn(module: nn.Module) -> nn.Module:
             track_running_stats=module.track_running_stats,
         )
         converted.to(device=_module_device(module))
+        floats = [t.dtype for t in (module.weight, module.running_mean) if t is not None]
+        if floats:  # a float64 (or half) BatchNorm stays one
+            converted.to(dtype=floats[0])
         with torch.no_grad():
             if module.affine:
                 converted.weight.copy_(module.weight)

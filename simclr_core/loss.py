@@ -102,7 +102,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bo
             or with no process group, only this rank's 2N rows take part.
 
     Returns:
-        scalar float32 tensor: mean over this rank's 2N rows.
+        scalar tensor, float32 (float64 for float64 input): mean over this rank's 2N rows.
     """
     if z_a.shape != z_b.shape or z_a.dim() != 2:
         raise ValueError(f"z_a and z_b must both be (N, D); got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
@@ -111,8 +111,9 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bo
     batch = z_a.shape[0]
     device_type = z_a.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        local_a = F.normalize(z_a.float(), dim=1)  # (N, D)
-        local_b = F.normalize(z_b.float(), dim=1)  # (N, D)
+        compute = torch.promote_types(torch.float32, z_a.dtype)  # float32, or float64 for float64 input
+        local_a = F.normalize(z_a.to(compute), dim=1)  # (N, D)
+        local_b = F.normalize(z_b.to(compute), dim=1)  # (N, D)
         distributed = gather and get_world_size() > 1
         if distributed:
             global_a = all_gather_with_grad(local_a)  # (W*N, D)

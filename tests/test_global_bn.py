@@ -13,7 +13,7 @@ WORLD = 2
 
 
 def _make_net(kind: str, channels: int) -> nn.Module:
-    """kind: "2d", "1d", "2d-plain" (no affine parameters) or "2d-channels-last"."""
+    """kind: "2d", "1d", "2d-plain" (no affine parameters), "2d-channels-last" or "2d-double" (float64)."""
     torch.manual_seed(3)
     affine = kind != "2d-plain"
     if kind.startswith("2d"):
@@ -24,7 +24,7 @@ def _make_net(kind: str, channels: int) -> nn.Module:
         with torch.no_grad():
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
-    return nn.Sequential(bn)
+    return nn.Sequential(bn).double() if kind == "2d-double" else nn.Sequential(bn)
 
 
 def _inputs(kind: str, sizes: list[int], channels: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,8 @@ def _inputs(kind: str, sizes: list[int], channels: int, step: int) -> tuple[torc
     upstream = torch.randn(*shape, generator=generator)
     if kind == "2d-channels-last":
         x, upstream = x.to(memory_format=torch.channels_last), upstream.to(memory_format=torch.channels_last)
+    if kind == "2d-double":
+        x, upstream = x.double(), upstream.double()
     return x, upstream
 
 
@@ -67,11 +69,13 @@ def _bn_worker(env: DistEnv, kind: str, sizes: list[int], channels: int, steps: 
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
     "kind,sizes,channels",
-    [("2d", [4, 4], 3), ("1d", [3, 5], 6), ("2d-plain", [2, 6], 3), ("2d-channels-last", [4, 4], 5)],
-    ids=["bn2d-equal-batches", "bn1d-unequal-batches", "bn2d-no-affine", "bn2d-channels-last"],
+    [("2d", [4, 4], 3), ("1d", [3, 5], 6), ("2d-plain", [2, 6], 3), ("2d-channels-last", [4, 4], 5), ("2d-double", [3, 5], 4)],
+    ids=["bn2d-equal-batches", "bn1d-unequal-batches", "bn2d-no-affine", "bn2d-channels-last", "bn2d-float64"],
 )
 def test_global_bn_equals_plain_bn_on_concatenated_batch(kind, sizes, channels):
     steps = 3
+    # float64 must be computed in float64: float32 statistics would miss this tolerance by 1e4
+    tol = {"atol": 1e-10, "rtol": 1e-10} if kind == "2d-double" else {"atol": 1e-5, "rtol": 1e-5}
     results = run_workers(_bn_worker, WORLD, kind, sizes, channels, steps)
 
     reference = _make_net(kind, channels)
@@ -85,27 +89,27 @@ def test_global_bn_equals_plain_bn_on_concatenated_batch(kind, sizes, channels):
         for rank, result in enumerate(results):
             rows = slice(offsets[rank], offsets[rank] + sizes[rank])
             got = result["steps"][step]
-            torch.testing.assert_close(got["out"], out.detach()[rows], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["x_grad"], x_all.grad[rows], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["out"], out.detach()[rows], **tol)
+            torch.testing.assert_close(got["x_grad"], x_all.grad[rows], **tol)
         if not reference[0].affine:
             continue
         # Each rank holds the gradient of its own rows' loss; their sum is the global one
         # (DistributedDataParallel all-reduces exactly these).
         w_grad = sum(r["steps"][step]["w_grad"] for r in results)
         b_grad = sum(r["steps"][step]["b_grad"] for r in results)
-        torch.testing.assert_close(w_grad, reference[0].weight.grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b_grad, reference[0].bias.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w_grad, reference[0].weight.grad, **tol)
+        torch.testing.assert_close(b_grad, reference[0].bias.grad, **tol)
 
     reference.eval()
     x_eval, _ = _inputs(kind, sizes, channels, 99)
     expected_eval = reference(x_eval)
     offsets = [0, sizes[0]]
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result["running_mean"], reference[0].running_mean, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(result["running_var"], reference[0].running_var, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["running_mean"], reference[0].running_mean, **tol)
+        torch.testing.assert_close(result["running_var"], reference[0].running_var, **tol)
         assert result["tracked"] == steps
         rows = slice(offsets[rank], offsets[rank] + sizes[rank])
-        torch.testing.assert_close(result["eval_out"], expected_eval.detach()[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["eval_out"], expected_eval.detach()[rows], **tol)
 
 
 def test_single_process_conversion_leaves_model_unchanged():

@@ -67,6 +67,26 @@ def test_logits_are_float32_under_autocast():
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("block_elements", [None, 5 * 24], ids=["one-block", "uneven-blocks"])
+def test_float64_input_is_computed_in_float64(block_elements, monkeypatch):
+    """The wider of float32 and the input's dtype: float64 values and gradients to 1e-12,
+    which float32 logits (about 1e-7 relative) cannot reach."""
+    if block_elements is not None:
+        monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(5)
+    z_a = torch.randn(12, 32, dtype=torch.float64, requires_grad=True)
+    z_b = torch.randn(12, 32, dtype=torch.float64, requires_grad=True)
+    ref_a, ref_b = (z.detach().clone().requires_grad_() for z in (z_a, z_b))
+    loss = nt_xent(z_a, z_b, 0.07)
+    expected = reference_nt_xent(ref_a, ref_b, 0.07)
+    loss.backward()
+    expected.backward()
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12, rel=1e-12)
+    torch.testing.assert_close(z_a.grad, ref_a.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(z_b.grad, ref_b.grad, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [(torch.zeros(4, 8), torch.zeros(5, 8)), (torch.zeros(4), torch.zeros(4))])
 def test_rejects_mismatched_shapes(bad):
     with pytest.raises(ValueError, match="z_a and z_b"):
