@@ -24,6 +24,13 @@ the manifest's ``skipped``; grayscale, palette and transparent images are conver
 channel when every training image is grayscale, else RGB; transparency over white). A class
 folder without a readable image, or images of different sizes without
 ``prepare.image_size``, is a :class:`SourceError` that names the folder or the two files.
+
+Sources are read within budgets, against decompression bombs: an image whose header claims
+more than ``prepare.max_image_pixels`` is skipped before it is decoded, and a source whose
+images would take more than ``prepare.max_dataset_mib`` (IDX headers are checked before their
+data is read) is a SourceError. Only regular files are opened: a FIFO, socket or device among
+the images (or a link to one, such as /dev/zero) is skipped, never read. Photos stored
+sideways with an EXIF Orientation tag are turned upright.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import dataclasses
 import errno
 import gzip
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -40,7 +48,9 @@ import stat
 import struct
 import tarfile
 import tempfile
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,26 +85,156 @@ class RawSplits:
 # ------------------------------------------------------------------------------ sources
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format), gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise SourceError(f"{path} is not an IDX file of unsigned bytes")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise SourceError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
-    return array.reshape(shape)
+def _file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, in words."""
+    kinds = ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+             (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _special_kind(path: str | Path) -> str | None:
+    """What ``path`` is (links followed) when it exists and is neither a regular file nor a directory.
+
+    None for regular files, directories and paths that cannot be stat'ed (missing, a link
+    loop): whoever opens those reports them. ``os.stat`` never opens the file, so a FIFO
+    cannot block it and a device cannot react to it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else _file_kind(mode)
+
+
+def _open_regular(path: Path):
+    """``path`` opened for binary reading, or a SourceError if it is not a regular file.
+
+    Opened non-blocking and checked with fstat before any read: opening a FIFO would wait for a
+    writer forever, and a device (/dev/zero behind a link named x.png) would be read forever.
+    """
+    kind = _special_kind(path)
+    if kind is not None:
+        raise SourceError(f"{path} is not a regular file ({kind})")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode  # again, on what was opened: the path may have changed since
+        if not stat.S_ISREG(mode):
+            raise SourceError(f"{path} is not a regular file ({_file_kind(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+IDX_UNSIGNED_BYTE = 0x08
+_READ_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def _idx_stream(path: Path):
+    """The decompressed bytes of the IDX file ``path`` (gzipped when it ends in .gz), as a stream."""
+    with _open_regular(path) as raw:
+        if path.suffix != ".gz":
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+            yield stream
+
+
+def _idx_shape(stream, path: Path) -> tuple[int, ...]:
+    """The dimensions in the IDX header at the start of ``stream`` (which is left just past it)."""
+    head = stream.read(4)
+    if len(head) < 4:
+        raise SourceError(f"{path} is not an IDX file: it is shorter than the 4-byte IDX header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", head)
+    if zero != 0 or dtype_code != IDX_UNSIGNED_BYTE or not 1 <= ndim <= 4:
+        raise SourceError(f"{path} is not an IDX file of unsigned bytes (its header starts {head.hex()})")
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise SourceError(f"{path} is truncated inside its IDX header")
+    return struct.unpack(f">{ndim}I", dims)
+
+
+def _idx_header(path: Path) -> tuple[int, ...]:
+    """The dimensions the IDX file ``path`` claims, reading only its header."""
+    with _idx_errors(path), _idx_stream(path) as stream:
+        return _idx_shape(stream, path)
+
+
+@contextlib.contextmanager
+def _idx_errors(path: Path):
+    """gzip's and the file system's errors as SourceErrors naming ``path``."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError; a cut .gz is an EOFError
+        raise SourceError(f"{path} cannot be read ({type(error).__name__}: {error}); is it complete?") from None
+
+
+def _read_at_most(stream, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of ``stream``, read in chunks: memory follows what is there, not a claim."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = stream.read(min(_READ_CHUNK, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape))
+
+
+def _read_idx(path: Path, max_bytes: int) -> np.ndarray:
+    """An IDX file (MNIST's format), gzipped or not, read no further than its header claims.
+
+    The header's claim (count x dims bytes) must be within ``max_bytes`` before any data is
+    read, and at most that many bytes + 1 are read: a small .gz that inflates to gigabytes, or a
+    header claiming more images than the file holds, cannot make prepare read or allocate them.
+    """
+    with _idx_errors(path), _idx_stream(path) as stream:
+        shape = _idx_shape(stream, path)
+        expected = math.prod(shape)
+        if expected > max_bytes:
+            raise SourceError(
+                f"{path} claims {_shape_text(shape)} = {expected / 2**20:.0f} MiB of values, over "
+                f"prepare.max_dataset_mib ({max_bytes // 2**20}); raise it if the file is genuine"
+            )
+        data = _read_at_most(stream, expected + 1)
+    if len(data) != expected:
+        found = f"{len(data)}" if len(data) < expected else "more"
+        raise SourceError(f"{path} does not match its header: it claims {_shape_text(shape)} = {expected} values, and holds {found}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find(root: Path, stem: str) -> Path | None:
+    """The file of Fashion-MNIST's ``stem`` under ``root``; a SourceError if one is there but not a regular file."""
     for candidate in (root / f"{stem}.gz", root / stem, root / "FashionMNIST" / "raw" / f"{stem}.gz", root / "FashionMNIST" / "raw" / stem):
+        kind = _special_kind(candidate)
+        if kind is not None:
+            raise SourceError(f"{candidate} is a {kind}, not a regular file: Fashion-MNIST's IDX files must be regular files")
         if candidate.is_file():
             return candidate
     return None
+
+
+def _check_fashion_mnist_headers(paths: list[Path], config: PrepareConfig) -> None:
+    """The four IDX headers agree (images 3-D, labels 1-D, as many of each) and the images fit
+    ``prepare.max_dataset_mib``: checked before any data is read."""
+    shapes = [_idx_header(path) for path in paths]
+    for images, labels in ((0, 1), (2, 3)):
+        if len(shapes[images]) != 3 or len(shapes[labels]) != 1 or shapes[images][0] != shapes[labels][0]:
+            raise SourceError(
+                f"{paths[images]} claims {_shape_text(shapes[images])} images but {paths[labels]} claims "
+                f"{_shape_text(shapes[labels])} labels: expected N x H x W images and N labels"
+            )
+    total = math.prod(shapes[0]) + math.prod(shapes[2])
+    if total > config.max_dataset_mib * 2**20:
+        raise SourceError(
+            f"{paths[0]} and {paths[2]} claim {shapes[0][0]} + {shapes[2][0]} images of {shapes[0][1]} x {shapes[0][2]} "
+            f"= {total / 2**20:.0f} MiB, over prepare.max_dataset_mib ({config.max_dataset_mib}); raise it if the files are genuine"
+        )
 
 
 def _load_fashion_mnist(config: PrepareConfig) -> RawSplits:
@@ -103,7 +243,8 @@ def _load_fashion_mnist(config: PrepareConfig) -> RawSplits:
         stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
         paths = [_find(root, stem) for stem in stems]
         if all(paths):
-            train_x, train_y, test_x, test_y = (_read_idx(p) for p in paths)
+            _check_fashion_mnist_headers(paths, config)
+            train_x, train_y, test_x, test_y = (_read_idx(p, config.max_dataset_mib * 2**20) for p in paths)
             return RawSplits(
                 train_x[:, None], train_y.astype(np.int64), test_x[:, None], test_y.astype(np.int64), list(FASHION_MNIST_CLASSES)
             )
@@ -176,16 +317,62 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name in _IGNORED_NAMES
 
 
-def _decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], bool]:
-    """(RGB uint8 (3, H, W), the file's (width, height), whether the file is grayscale).
+class _OverBudget(ValueError):
+    """An image whose header claims more pixels than ``prepare.max_image_pixels``: skipped, never decoded."""
 
-    Transparent images (RGBA, LA, palette with transparency) are composited over white;
-    every image is resized (shorter side) and centre-cropped to ``size`` when size > 0.
+
+def _open_image(handle, max_pixels: int):
+    """The PIL image in ``handle``, its header read but nothing decoded, checked against ``max_pixels``."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides, just below
+        try:
+            image = Image.open(handle)
+        except Image.DecompressionBombError as error:  # over PIL's hard limit (2 x 89 MP), before our check
+            raise _OverBudget(f"{error} (over PIL's limit; prepare.max_image_pixels is {max_pixels})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise _OverBudget(
+            f"{width}x{height} = {width * height / 1e6:.1f} megapixels, over the pixel budget "
+            f"prepare.max_image_pixels ({max_pixels}): not decoded (a decompression bomb?); raise it to use this image"
+        )
+    return image
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(image):
+    """``image`` (decoded) turned upright by its EXIF Orientation tag: photos are often stored sideways
+    with the tag saying so. Without the tag, or with a malformed EXIF block, ``image`` as stored."""
+    from PIL import ImageOps
+
+    try:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return image  # no copy for the usual, upright case
+        return ImageOps.exif_transpose(image)
+    except (ValueError, SyntaxError, struct.error, OSError):
+        return image
+
+
+def _decode_image(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """(RGB uint8 (3, H, W), the upright image's (width, height), whether the file is grayscale).
+
+    Only regular files are opened, and an image over ``max_pixels`` (by its header) is refused
+    (:class:`_OverBudget`) before it is decoded. The EXIF orientation is applied. Transparent
+    images (RGBA, LA, palette with transparency) are composited over white; every image is
+    resized (shorter side) and centre-cropped to ``size`` when size > 0 (the (width, height)
+    returned is then that of the decoded image, possibly reduced: it is compared only when size is 0).
     """
     from PIL import Image
 
-    with Image.open(path) as image:
+    with _open_regular(path) as handle, _open_image(handle, max_pixels) as image:
+        if size > 0:
+            image.draft(None, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least size x size
         image.load()  # decode now: a truncated file fails here
+        image = _upright(image)
         original = image.size
         gray = image.mode in _GRAY_MODES
         if image.mode in _WIDE_GRAY_MODES:
@@ -196,10 +383,11 @@ def _decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], b
         else:
             image = image.convert("RGB")
         if size > 0:
-            scale = size / min(image.size)
-            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
+            # The centre square of the source, resized straight to size x size: resizing the whole
+            # image first would make a 1 x 50M strip 800M pixels long.
+            side = min(image.size)
+            left, top = (image.width - side) / 2, (image.height - side) / 2
+            image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy(), original, gray
 
 
@@ -235,14 +423,26 @@ class _FolderReader:
     ``show`` turns a path into what messages print (an archive member's name for archives).
     """
 
-    def __init__(self, size: int, show=str) -> None:
-        self.size = size
+    def __init__(self, config: PrepareConfig, show=str) -> None:
+        self.size = config.image_size
+        self.max_pixels = config.max_image_pixels
+        self.max_mib = config.max_dataset_mib
         self.show = show
         self.skipped: list[dict] = []
+        self.over_budget = 0  # how many of the skipped files were over max_pixels
+        self.held = 0  # bytes of the decoded images so far
         self.reference: tuple[Path, tuple[int, int]] | None = None  # first image read, and its (width, height)
 
     def skip(self, path: Path, reason: str) -> None:
         self.skipped.append({"path": self.show(path), "reason": reason})
+
+    def skipped_since(self, before: int, over_before: int, where: str = "") -> str:
+        """" (N file(s){where} skipped[, K of them over the pixel budget])": the skips after the counts given."""
+        count, over = len(self.skipped) - before, self.over_budget - over_before
+        if not count:
+            return ""
+        why = f", {over} of them over the pixel budget prepare.max_image_pixels ({self.max_pixels})" if over else ""
+        return f" ({count} file(s){where} skipped{why})"
 
     def _subdirs(self, folder: Path) -> tuple[list[Path], list[Path]]:
         """The directories in ``folder`` (links to directories included), and those that are loops."""
@@ -282,7 +482,11 @@ class _FolderReader:
                     else:
                         walk(path, ancestors + [os.path.realpath(path)])
                 elif path.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(path)
+                    kind = _special_kind(path)  # stat, not open: a FIFO would block, /dev/zero never end
+                    if kind is None:
+                        found.append(path)
+                    else:
+                        self.skip(path, f"not a regular file ({kind})")
                 else:
                     self.skip(path, f"not an image file (suffix {path.suffix or 'none'!r})")
 
@@ -294,10 +498,15 @@ class _FolderReader:
         images, grays = [], []
         for path in paths:
             try:
-                array, original, gray = _decode_image(path, self.size)
+                array, original, gray = _decode_image(path, self.size, self.max_pixels)
+            except _OverBudget as error:
+                self.over_budget += 1
+                self.skip(path, str(error))
+                continue
             except Exception as error:  # PIL raises many types for bad files
                 self.skip(path, f"{type(error).__name__}: {error}")
                 continue
+            self._hold(path, array)
             if self.size == 0:
                 if self.reference is None:
                     self.reference = (path, original)
@@ -311,6 +520,16 @@ class _FolderReader:
             images.append(array)
             grays.append(gray)
         return images, grays
+
+    def _hold(self, path: Path, array: np.ndarray) -> None:
+        """Count ``array`` against prepare.max_dataset_mib: a SourceError once the images read exceed it."""
+        self.held += array.nbytes
+        if self.held > self.max_mib * 2**20:
+            raise SourceError(
+                f"the images read up to {self.show(path)} take {self.held / 2**20:.0f} MiB (3 bytes a pixel), over "
+                f"prepare.max_dataset_mib ({self.max_mib}); set --image-size to shrink them, or raise the budget "
+                "if this machine has the memory (about twice it)"
+            )
 
     def load(self, folder: Path, class_names: list[str] | None):
         """Images under ``folder``: class subfolders (labelled) or a flat folder (unlabelled).
@@ -332,11 +551,10 @@ class _FolderReader:
             for path in subdirs:
                 if path.name not in class_names:
                     raise SourceError(f"class folder {self.show(path)} is not among the training classes {class_names}")
-                before = len(self.skipped)
+                before, over_before = len(self.skipped), self.over_budget
                 class_images, class_grays = self.read(self.files(path, recursive=True))
                 if not class_images:
-                    unreadable = len(self.skipped) - before
-                    detail = f" ({unreadable} file(s) in it skipped)" if unreadable else ""
+                    detail = self.skipped_since(before, over_before, where=" in it")
                     raise SourceError(
                         f"class folder {self.show(path)} holds no readable images{detail}; add images to it or remove it"
                     )
@@ -359,17 +577,22 @@ def _is_loop(path: Path, ancestors: list[str]) -> bool:
 
 
 def _stack(images: list[np.ndarray], grays: list[bool], channels: int) -> np.ndarray:
-    array = np.stack(images)
-    return array[:, :1].copy() if channels == 1 and all(grays) else (_luminance(array) if channels == 1 else array)
+    """One (N, channels, H, W) array of the RGB ``images``; each is dropped from the list once copied,
+    so the images are held once, not twice (the list and the stack)."""
+    array = np.empty((len(images), channels, *images[0].shape[1:]), dtype=np.uint8)
+    for index, gray in enumerate(grays):
+        image, images[index] = images[index], None
+        array[index] = image if channels == 3 else (image[:1] if gray else _luminance(image))
+    return array
 
 
 def _load_imagefolder_dir(root: Path, config: PrepareConfig, show=str) -> RawSplits:
-    reader = _FolderReader(config.image_size, show)
+    reader = _FolderReader(config, show)
     has_splits = (root / "train").is_dir()
     train_dir = root / "train" if has_splits else root
     images, grays, labels, classes = reader.load(train_dir, None)
     if not images:
-        raise SourceError(f"image folder {show(train_dir)} holds no readable images ({len(reader.skipped)} file(s) skipped)")
+        raise SourceError(f"image folder {show(train_dir)} holds no readable images{reader.skipped_since(0, 0) or ' (0 file(s) skipped)'}")
     # One channel when every training image is grayscale; otherwise RGB (gray images replicated).
     channels = 1 if all(grays) else 3
     train_x = _stack(images, grays, channels)
@@ -539,6 +762,9 @@ def _load_imagefolder(config: PrepareConfig) -> RawSplits:
 
 def load_source(config: PrepareConfig) -> RawSplits:
     """Read the source named by ``config.source`` into memory."""
+    kind = _special_kind(config.source_root) if config.source_root else None
+    if kind is not None:  # a FIFO would block the first open, a device never end
+        raise SourceError(f"prepare.source_root {config.source_root} is a {kind}, not a directory or a regular file")
     if config.source == "fashion-mnist":
         return _load_fashion_mnist(config)
     if config.source in ("cifar10", "cifar100", "stl10"):
@@ -581,6 +807,18 @@ def _split_val(raw: RawSplits, config: PrepareConfig) -> dict[str, tuple[np.ndar
         splits["test"] = (raw.test_images, raw.test_labels)
     splits.update(raw.extra)
     return splits
+
+
+def _check_dataset_size(raw: RawSplits, config: PrepareConfig) -> None:
+    """The source's images (N x C x H x W bytes, all splits) within prepare.max_dataset_mib, before
+    the splits copy them. Image folders and IDX files are checked while read; this covers the rest."""
+    arrays = [raw.train_images, raw.test_images, *(images for images, _ in raw.extra.values())]
+    total = sum(array.nbytes for array in arrays if array is not None)
+    if total > config.max_dataset_mib * 2**20:
+        raise SourceError(
+            f"{config.source}: the images take {total / 2**20:.0f} MiB (N x C x H x W bytes, all splits), over "
+            f"prepare.max_dataset_mib ({config.max_dataset_mib}); raise it if this machine has the memory (about twice it)"
+        )
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -642,6 +880,7 @@ def prepare(config: PrepareConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     raw = load_source(config)
+    _check_dataset_size(raw, config)
     splits = _split_val(raw, config)
     if len(splits["train"][0]) == 0:
         raise SourceError(f"{config.source}: no training images left after the val split")
