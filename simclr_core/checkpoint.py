@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from simclr_core.storage import Store, StorageError, is_remote, read_bytes, sha256_file, write_atomic
+from simclr_core.storage import Store, StorageError, is_remote, make_shareable, read_bytes, sha256_file, write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointManager"]
 
@@ -132,6 +132,7 @@ class CheckpointManager:
         handle, tmp_name = tempfile.mkstemp(prefix=".step-", suffix=".tmp", dir=self._scratch())
         tmp = Path(tmp_name)
         try:
+            make_shareable(handle)
             with os.fdopen(handle, "wb") as stream:
                 torch_save(state, stream)
                 stream.flush()

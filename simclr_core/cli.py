@@ -37,6 +37,22 @@ def _device(args: argparse.Namespace):
     return torch.device(args.device)
 
 
+def _check_out(out: str) -> None:
+    """A local ``--out`` must be creatable: its nearest existing ancestor a directory, itself none but a directory."""
+    from simclr_core.storage import is_remote
+
+    if is_remote(out):
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} exists and is a file, not a directory; choose another --out")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out} cannot be created: {parent} is a file, not a directory")
+            return
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -199,7 +215,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     with staged_input(args.run) as run, staged_input(args.data) as data, staged_output(args.out) as out:
         summary = pretrain_report(run, data, out / "report.html", _device(args))
         write_json(out / "metrics.json", summary)
-    log.info("report: %s (%.1f%% of nearest neighbours share the query's class)", out / "report.html", 100 * summary["neighbour_precision"])
+    precision = summary["neighbour_precision"]
+    shared = f"{100 * precision:.1f}%" if precision is not None else "n/a (fewer than 2 test images)"
+    log.info("report: %s (%s of nearest neighbours share the query's class)", out / "report.html", shared)
     return EXIT_OK
 
 
@@ -283,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     from simclr_core.train import TrainingError
 
     try:
+        if getattr(args, "out", None):
+            _check_out(args.out)
         return args.handler(args)
     except (UsageError, ConfigError, SourceError, CheckpointError, StorageError) as error:
         print(f"simclr {args.command}: error: {error}", file=sys.stderr)

@@ -41,7 +41,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "properties": {
         "format_version": {"type": "integer"},
         "class_names": {
-            "type": "array", "minItems": 1, "maxItems": 1_000_000,
+            "type": "array", "maxItems": 1_000_000,  # empty for an unlabelled folder
             "items": {"type": "string", "minLength": 1, "maxLength": 1000},
         },
         "image_shape": {

@@ -106,11 +106,12 @@ def _neighbours_png(images: np.ndarray, labels: np.ndarray, class_names: list[st
 def pretrain_report(
     run_dir: str | Path, data_dir: str | Path, out_path: str | Path, device: torch.device,
     num_queries: int = 8, k: int = 6, max_images: int = 2000, seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Write the HTML report of the run in ``run_dir`` (its model.pt) on ``data_dir``'s test split.
 
     Returns {"neighbour_precision": fraction of the k neighbours that share the query's label,
-    over ``num_queries`` seeded test queries among the first ``max_images`` labelled test images}.
+    over ``num_queries`` seeded test queries among the first ``max_images`` labelled test images;
+    None with fewer than two labelled test images}.
     """
     run_dir = Path(run_dir)
     dataset = PreparedDataset(data_dir)
@@ -122,7 +123,9 @@ def pretrain_report(
     features = extract(model.encoder, images, lambda x: batched_test_transform(x, model_config["image_size"]), device)
     queries = np.sort(np.random.default_rng(seed).choice(len(images), size=min(num_queries, len(images)), replace=False))
     neighbours = nearest_neighbours(features, queries, min(k, len(images) - 1))
-    precision = float((labels[neighbours] == labels[queries][:, None]).mean())
+    # undefined (None) with fewer than two labelled test images: no image has a neighbour
+    precision = float((labels[neighbours] == labels[queries][:, None]).mean()) if neighbours.size else None
+    shared = f"{100 * precision:.1f}% of the neighbours share the query's class." if precision is not None else ""
 
     curves = read_curves(run_dir)
     sections = [f"<h1>SimCLR pretraining: {html.escape(str(run_dir))}</h1>"]
@@ -132,7 +135,7 @@ def pretrain_report(
     sections += [
         "<h2>Nearest neighbours in the encoder's feature space</h2>",
         f"<p>Each row: a test image, then its {neighbours.shape[1]} nearest test images by cosine similarity of h "
-        f"(red title: another class). {100 * precision:.1f}% of the neighbours share the query's class.</p>",
+        f"(red title: another class). {shared}</p>",
         f'<img src="data:image/png;base64,{_neighbours_png(images, labels, dataset.class_names, queries, neighbours)}">',
     ]
     page = "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>SimCLR pretraining report</title></head>\n<body>\n"

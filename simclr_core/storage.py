@@ -69,15 +69,33 @@ class StorageUnavailable(RuntimeError):
 # ------------------------------------------------------------------------------ local files
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; set back at once (at import, before any thread)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes files 0600; outputs get the mode open() would give them (0644 under the usual
+# umask), so another uid on a shared volume can read them, as it can read np.save's files
+OUTPUT_FILE_MODE = 0o666 & ~_umask()
+
+
+def make_shareable(fd: int) -> None:
+    """Give the file open as ``fd`` (from mkstemp) the mode of an ordinary output file."""
+    os.fchmod(fd, OUTPUT_FILE_MODE)
+
+
 def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> None:
     """Call ``write(stream)`` on a temporary file beside ``path``, fsync, then rename it to ``path``.
 
     Readers see the old file or the new one, never half of one; on failure nothing is left.
+    The file gets the mode of an ordinary output (:data:`OUTPUT_FILE_MODE`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        make_shareable(handle)
         with os.fdopen(handle, mode) as stream:
             write(stream)
             stream.flush()
@@ -102,8 +120,20 @@ def write_text(path: str | Path, text: str) -> None:
     write_atomic(path, lambda stream: stream.write(text))
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None: JSON has no NaN, and null says "not defined"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(path: str | Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    """Write ``value`` as JSON to ``path`` atomically; a non-finite float is written as null."""
+    write_text(path, json.dumps(_finite(value), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------------------ URIs

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -560,6 +561,51 @@ def _no_test_split(ctx: Ctx) -> Path:
     return ctx.tmp / "data"
 
 
+def _one_test_image(ctx: Ctx) -> list:
+    """A report on a dataset whose test split is one image: no image has a neighbour."""
+    root = ctx.folder(classes=2, train=6, test=1)
+    shutil.rmtree(root / "test" / "class1")
+    assert _cli(["prepare", "--source", "imagefolder", "--source-root", root, "--out", ctx.tmp / "data"]) == OK
+    return ["report", "--run", ctx.model.parent, "--data", ctx.tmp / "data", "--out", ctx.out, "--device", "cpu"]
+
+
+def _report_readable(ctx: Ctx) -> None:
+    text = (ctx.out / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text) == {"neighbour_precision": None}
+    for name in ("metrics.json", "report.html"):  # readable by another uid on a shared volume, like np.save's files
+        assert stat.S_IMODE((ctx.out / name).stat().st_mode) == storage.OUTPUT_FILE_MODE == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _out_under_a_file(stage: str) -> Callable[[Ctx], list]:
+    def build(ctx: Ctx) -> list:
+        (ctx.tmp / "a-file").write_text("not a directory")
+        out = ctx.tmp / "a-file" / "sub" / "out"
+        if stage == "prepare":
+            return ["prepare", "--source", "digits", "--out", out]
+        if stage == "pretrain":
+            return [*pretrain_args(ctx, ctx.prepared), "--out", out]
+        if stage == "report":
+            return ["report", "--run", ctx.model.parent, "--data", ctx.prepared, "--out", out]
+        return [*eval_args(ctx, stage, ctx.model, ctx.prepared), "--out", out]
+
+    return build
+
+
+def _out_is_a_file(ctx: Ctx) -> list:
+    ctx.out.write_text("precious")
+    return eval_args(ctx, "linear-eval", ctx.model, ctx.prepared)
+
+
+def _file_kept(ctx: Ctx) -> None:
+    assert ctx.out.read_text() == "precious"
+
+
 # ------------------------------------------------------------------------------ checkpoint rows
 
 
@@ -889,6 +935,13 @@ ROWS = [
     BadInput("gs-data-without-bucket", _gs("pretrain", "--data", "gs://", "--out", "OUT"), USAGE, "names no bucket"),
     BadInput("gs-unreachable-emulator", _gs("linear-eval", "--model", "gs://bucket/run/model.pt", "--data", "DATA", "--out", "OUT", unreachable=True), FAILURE, "did not answer within 1 s"),
     BadInput("gs-unreachable-emulator-pretrain", _gs("pretrain", "--data", "DATA", "--out", "gs://bucket/run", *TINY_PRETRAIN, unreachable=True), FAILURE, "did not answer within 1 s"),
+    # -- where outputs go, and what they hold
+    BadInput("report-one-test-image", _one_test_image, OK, "n/a (fewer than 2 test images)", _report_readable),
+    BadInput("out-under-a-file-prepare", _out_under_a_file("prepare"), USAGE, "a-file is a file, not a directory"),
+    BadInput("out-under-a-file-pretrain", _out_under_a_file("pretrain"), USAGE, "cannot be created:"),
+    BadInput("out-under-a-file-linear-eval", _out_under_a_file("linear-eval"), USAGE, "a-file is a file, not a directory"),
+    BadInput("out-under-a-file-report", _out_under_a_file("report"), USAGE, "a-file is a file, not a directory"),
+    BadInput("out-is-a-file", _out_is_a_file, USAGE, "exists and is a file, not a directory", _file_kept, outputs_absent=False),
     # -- a full disk: exit 1, nothing half-written
     BadInput("disk-full-during-prepare", _disk_full_prepare, FAILURE, "No space left on device while writing the prepared dataset"),
     BadInput("disk-full-rerun-keeps-old-dataset", _prepare_good_then(_disk_full_rerun), FAILURE, "No space left on device", _old_dataset_intact, outputs_absent=False),
