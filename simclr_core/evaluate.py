@@ -32,7 +32,7 @@ from simclr_core.data import PreparedDataset
 from simclr_core.features import extract
 from simclr_core.models import SimCLRModel
 from simclr_core.optim import warmup_cosine
-from simclr_core.train import build_model, seeded_generator
+from simclr_core.train import build_model, progress_bar, seeded_generator
 
 __all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetune", "transfer", "topk_accuracy"]
 
@@ -249,9 +249,12 @@ class Classifier(nn.Module):
 
 def train_classifier(
     network: Classifier, images: np.ndarray, labels: torch.Tensor, image_size: int, epochs: int, batch_size: int,
-    lr: float, weight_decay: float, min_steps: int, seed: int, device: torch.device,
+    lr: float, weight_decay: float, min_steps: int, seed: int, device: torch.device, desc: str | None = None,
 ) -> Classifier:
-    """Fine-tune all of ``network`` with crop + flip, SGD (Nesterov, momentum 0.9) and a cosine schedule."""
+    """Fine-tune all of ``network`` with crop + flip, SGD (Nesterov, momentum 0.9) and a cosine schedule.
+
+    ``desc`` names the run on its progress bar (images/s and the time left, on stderr).
+    """
     n = len(labels)
     if n < 2:  # BatchNorm in training mode cannot normalise a batch of one
         raise ConfigError(f"fine-tuning needs at least 2 labelled images, this label subset has {n}; use a larger label fraction")
@@ -263,6 +266,7 @@ def train_classifier(
     augment = BatchedAugment(AugmentConfig.crop_flip_only(image_size))
     labels = labels.to(device)
     network.train()
+    bar = progress_bar(total_steps, 0, batch_size, desc=desc)
     for step in range(total_steps):
         epoch, position = divmod(step, steps_per_epoch)
         order = torch.randperm(n, generator=seeded_generator(seed, 4, epoch))
@@ -274,6 +278,8 @@ def train_classifier(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        bar.update()
+    bar.close()
     return network
 
 
@@ -286,7 +292,7 @@ def score_classifier(network: nn.Module, images: np.ndarray, labels: torch.Tenso
 
 def _finetune_pair(
     model_path, model_config, images, labels, test_images, test_labels, num_classes, head_layers, epochs, batch_size,
-    lr, weight_decay, min_steps, seed, device,
+    lr, weight_decay, min_steps, seed, device, name: str = "finetune",
 ) -> dict[str, dict[str, float]]:
     """Fine-tuned from the pretrained weights and, as the baseline, from a random initialisation."""
     results = {}
@@ -297,7 +303,10 @@ def _finetune_pair(
             model = random_init_model(model_config, seed, device)
         torch.manual_seed(seed)
         network = Classifier(model, head_layers, num_classes).to(device)  # model is channels_last already
-        train_classifier(network, images, labels, model_config["image_size"], epochs, batch_size, lr, weight_decay, min_steps, seed, device)
+        train_classifier(
+            network, images, labels, model_config["image_size"], epochs, batch_size, lr, weight_decay, min_steps, seed, device,
+            desc=f"{name}, {init}",
+        )
         results[init] = score_classifier(network, test_images, test_labels, model_config["image_size"], device)
     return results
 
@@ -318,6 +327,7 @@ def finetune(model_path: str | Path, data_dir: str | Path, config: FinetuneConfi
         results[f"{fraction:g}"] = _finetune_pair(
             model_path, model_config, images, labels, test_images, test_labels, dataset.num_classes, config.head_layers,
             config.epochs, config.batch_size, config.lr, config.weight_decay, config.min_steps, config.seed, device,
+            name=f"finetune {fraction:g} of the labels",
         )
     return results
 
@@ -342,6 +352,7 @@ def transfer(model_path: str | Path, data_dir: str | Path, config: TransferConfi
         pair = _finetune_pair(
             model_path, model_config, images, labels, test_images, test_labels, dataset.num_classes, 0,
             config.finetune_epochs, config.batch_size, config.finetune_lr, 0.0, 0, config.seed, device,
+            name="transfer fine-tune",
         )
         results["finetune"] = pair["pretrained"]
         results["finetune_random_init"] = pair["scratch"]

@@ -29,6 +29,10 @@ from simclr_core.train import MODEL_NAME
 __all__ = ["read_curves", "nearest_neighbours", "pretrain_report"]
 
 
+_NOT_CURVES = {"epoch", "step"}  # the x axis itself, logged beside the metrics
+CURVE_COLUMNS = 3  # panels per row: three at 3.2 in and 90 dpi are 864 px, inside a laptop's window
+
+
 def read_curves(run_dir: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """Per-epoch series DVCLive wrote under ``run_dir/live/plots/metrics``: name -> (steps, values)."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
@@ -36,6 +40,8 @@ def read_curves(run_dir: str | Path) -> dict[str, tuple[list[float], list[float]
         with path.open() as stream:
             rows = list(csv.DictReader(stream, delimiter="\t"))
         name = path.stem
+        if name in _NOT_CURVES:
+            continue
         if rows and name in rows[0]:
             curves[name] = ([float(row["step"]) + 1 for row in rows], [float(row[name]) for row in rows])  # epochs from 1
     return curves
@@ -61,12 +67,16 @@ def _curves_png(curves: dict[str, tuple[list[float], list[float]]]) -> str:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.6), squeeze=False)
-    for axis, (name, (epochs, values)) in zip(axes[0], curves.items()):
+    columns = min(CURVE_COLUMNS, len(curves))
+    rows = -(-len(curves) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    for axis, (name, (epochs, values)) in zip(axes.flat, curves.items()):
         axis.plot(epochs, values, marker="o")
         axis.set_title(name.replace("_", " "))
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(curves):]:
+        axis.set_visible(False)
     figure.tight_layout()
     try:
         return _png(figure)
@@ -138,6 +148,6 @@ def pretrain_report(
         f"(red title: another class). {shared}</p>",
         f'<img src="data:image/png;base64,{_neighbours_png(images, labels, dataset.class_names, queries, neighbours)}">',
     ]
-    page = "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>SimCLR pretraining report</title></head>\n<body>\n"
+    page = "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>SimCLR pretraining report</title><style>img {max-width: 100%}</style></head>\n<body>\n"
     write_text(out_path, page + "\n".join(sections) + "\n</body></html>\n")
     return {"neighbour_precision": precision}

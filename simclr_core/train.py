@@ -190,12 +190,15 @@ class _Metrics:
             self.live.end()
 
 
-def _progress(total_steps: int, initial_step: int, batch_size: int, enabled: bool):
-    """A bar counted in steps and shown in images (so its rate is images/s), with the ETA."""
+def progress_bar(total_steps: int, initial_step: int, batch_size: int, enabled: bool = True, desc: str | None = None):
+    """A bar counted in steps and shown in images (so its rate is images/s), with the ETA.
+
+    On a terminal it redraws twice a second; in a log (DVC, a pod) it writes a line every 10 s.
+    """
     from tqdm import tqdm
 
     return tqdm(
-        total=total_steps, initial=initial_step, disable=not enabled, unit="img", unit_scale=batch_size,
+        total=total_steps, initial=initial_step, disable=not enabled, unit="img", unit_scale=batch_size, desc=desc,
         dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr,
     )
 
@@ -293,7 +296,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
         return views.contiguous(memory_format=torch.channels_last)
 
     results: dict[str, Any] = dict(history[-1]) if history else {}
-    progress = _progress(plan.total_steps, step, config.batch_size, env.is_main)
+    progress = progress_bar(plan.total_steps, step, config.batch_size, env.is_main)
     epoch_loss = torch.full((), unfinished["loss_sum"], device=env.device)  # this rank's sum of step losses
     epoch_steps, epoch_start, epoch_wait = int(unfinished["steps"]), time.perf_counter(), 0.0
     train_model.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import numpy as np
@@ -26,6 +27,7 @@ def test_nearest_neighbours_match_a_brute_force_cosine_search():
 def test_curves_are_read_from_the_dvclive_files(tiny_pretrained):
     curves = read_curves(tiny_pretrained)
     assert {"loss", "lr", "knn_accuracy"} <= set(curves)
+    assert "epoch" not in curves  # the x axis is not a curve of its own
     epochs, losses = curves["loss"]
     assert epochs == [1.0, 2.0] and all(value > 0 for value in losses)
 
@@ -37,6 +39,10 @@ def test_report_writes_html_with_pictures_and_a_precision(tiny_pretrained, tiny_
     images = [chunk.split('"', 1)[0] for chunk in page.split("data:image/png;base64,")[1:]]
     assert len(images) == 2  # curves + neighbours
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    from PIL import Image
+
+    curves = Image.open(io.BytesIO(base64.b64decode(images[0])))
+    assert curves.width <= 1000  # fits a 1280 px window beside a scroll bar
     precision = json.loads((tmp_path / "metrics.json").read_text())["neighbour_precision"]
     assert 0.0 <= precision <= 1.0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -196,6 +197,9 @@ def test_finetune_reports_each_fraction_with_scratch_baseline(tiny_pretrained, t
         "--label-fractions", "0.1,0.5", "--epochs", "1", "--min-steps", "3", "--batch-size", "8",
     )
     assert result.returncode == 0, result.stderr
+    for fraction in ("0.1", "0.5"):  # a progress bar for each of the four trainings, counted in images
+        for init in ("pretrained", "scratch"):
+            assert re.search(rf"finetune {fraction} of the labels, {init}: 100%\|.*\| (\d+)/\1 \[.*img/s", result.stderr), result.stderr[-2000:]
     metrics = _metrics(tmp_path)
     assert set(metrics) == {"labels_10pct", "labels_50pct"}
     for values in metrics.values():
