@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the environment and run the whole pipeline on the default small dataset:
 # `dvc repro` (prepare Fashion-MNIST and digits, pretrain, linear eval, fine-tune, transfer),
-# then print every stage's metrics.
+# then one line per stage: its figure beside its baseline (`simclr summary` has every key).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,4 +10,4 @@ simclr env
 start=$(date +%s)
 dvc repro "$@"
 echo "dvc repro took $(( $(date +%s) - start )) s"
-dvc metrics show
+simclr summary

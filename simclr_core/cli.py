@@ -221,6 +221,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from simclr_core.summary import summary_lines
+
+    sys.stdout.write("\n".join(summary_lines(args.runs)) + "\n")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -276,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, help="directory for report.html and metrics.json")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     sub.set_defaults(handler=_cmd_report)
+
+    sub = commands.add_parser(
+        "summary", help="one line per stage of a finished `dvc repro`: each figure beside its baseline",
+        description="Read the metrics.json files dvc.yaml's stages wrote under RUNS and print each stage's figure and baseline.",
+    )
+    sub.add_argument("--runs", default="runs", help="the directory holding the stages' outputs (default: runs)")
+    sub.set_defaults(handler=_cmd_summary)
 
     env = commands.add_parser(
         "env",
