@@ -26,7 +26,7 @@ import numpy as np
 
 from simclr_core.config import shown
 
-__all__ = ["MANIFEST_SCHEMA", "SourceError", "read_manifest", "check_array", "check_labels", "read_subsets"]
+__all__ = ["MANIFEST_SCHEMA", "SourceError", "read_manifest", "check_manifest", "check_array", "check_labels", "read_subsets"]
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # the skipped list of a million-image source fits
 MAX_SUBSETS_BYTES = 256 * 2**20
