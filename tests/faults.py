@@ -29,8 +29,6 @@ def _die() -> None:
 
 
 def _install(fault: str, at_step: int) -> None:
-    import torch
-
     from simclr_core import checkpoint as checkpoint_module
     from simclr_core.loss import NTXentLoss
     from simclr_core.optim import LARS
@@ -79,22 +77,22 @@ def _install(fault: str, at_step: int) -> None:
 
         manager.save = save
         if fault == "kill-during-checkpoint":
-            original_write = torch.save
+            original_write = checkpoint_module.torch_save
 
-            def torch_save(obj, stream, *args, **kwargs):
+            def torch_save(obj, stream):
                 if saving["step"] != at_step or not hasattr(stream, "fileno"):
-                    return original_write(obj, stream, *args, **kwargs)
+                    return original_write(obj, stream)
                 import io
 
                 buffer = io.BytesIO()
-                original_write(obj, buffer, *args, **kwargs)
+                original_write(obj, buffer)
                 data = buffer.getvalue()
                 stream.write(data[: len(data) // 2])
                 stream.flush()
                 os.fsync(stream.fileno())
                 _die()
 
-            checkpoint_module.torch.save = torch_save
+            checkpoint_module.torch_save = torch_save
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 
