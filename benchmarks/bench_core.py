@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from simclr_core.augment import AugmentConfig, BatchedAugment, sample_transform
-from simclr_core.loss import NTXentLoss
-from simclr_core.models import build_encoder
+from simclr_core.method.augment import AugmentConfig, BatchedAugment, sample_transform
+from simclr_core.method.loss import NTXentLoss
+from simclr_core.method.models import build_encoder
 
 from common import RESULTS, best_seconds, write_results  # benchmarks/ is the script's directory
 

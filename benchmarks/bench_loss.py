@@ -3,7 +3,7 @@
 For global batch B in {256, 1024, 4096} (2B views, D = 128, one process, so the gather is
 the identity; the gather's cost across processes is in bench_scaling):
 
-- time of the blockwise NT-Xent (`simclr_core.loss`) forward + backward, and of the textbook
+- time of the blockwise NT-Xent (`simclr_core.method.loss`) forward + backward, and of the textbook
   form that materialises the full (2B, 2B) logits and calls cross_entropy, for comparison;
 - peak memory each needs above its inputs (measured in a fresh process: ru_maxrss delta);
 - the ResNet-18 (32 px, ImageNet stem) forward + backward on the same 2B views, so the loss
@@ -40,7 +40,7 @@ def textbook_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -
 
 def _measure(kind: str, batch: int, repeats: int) -> dict:
     """Run in a fresh process: seconds and peak MiB above the inputs for one loss fwd+bwd."""
-    from simclr_core.loss import nt_xent
+    from simclr_core.method.loss import nt_xent
 
     torch.manual_seed(0)
     z_a = torch.randn(batch, DIM, requires_grad=True)
@@ -66,7 +66,7 @@ def measure_in_subprocess(kind: str, batch: int, repeats: int) -> dict:
 
 
 def encoder_seconds(batch: int) -> float:
-    from simclr_core.models import build_encoder
+    from simclr_core.method.models import build_encoder
 
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", cifar_stem=False).train()

@@ -90,7 +90,7 @@ def _collectives_worker(out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from simclr_core.models import SimCLRModel
+    from simclr_core.method.models import SimCLRModel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

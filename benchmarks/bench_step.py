@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from common import best_seconds, mean_seconds, peak_rss_kib, reset_peak_rss_kib, spread, write_results  # benchmarks/ is the script's directory
-from simclr_core.augment import BatchedAugment
+from simclr_core.method.augment import BatchedAugment
 from simclr_core.config import PrepareConfig, PretrainConfig
 from simclr_core.data import PreparedDataset, prepare
-from simclr_core.distributed import DistEnv
+from simclr_core.method.distributed import DistEnv
 from simclr_core.train import _augment_config, build_model, model_config_for, pretrain, seeded_generator, uses_bf16
 
 SECTION = "bench_step"

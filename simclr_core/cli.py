@@ -61,7 +61,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     import torch
 
     from simclr_core import __version__
-    from simclr_core.distributed import destroy_distributed, init_distributed
+    from simclr_core.launch import destroy_distributed, init_distributed
 
     env = init_distributed(backend=args.backend, device=None if args.device == "auto" else args.device)
     try:
@@ -109,7 +109,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.config import PretrainConfig, config_from_args
-    from simclr_core.distributed import destroy_distributed, init_distributed, read_launch_env
+    from simclr_core.launch import destroy_distributed, init_distributed, read_launch_env
     from simclr_core.data import PreparedDataset
     from simclr_core.storage import staged_input
     from simclr_core.train import check_world_size, pretrain

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_core.augment import AugmentConfig, BatchedAugment, batched_test_transform
+from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_test_transform
 from simclr_core.checkpoint import CheckpointError, load_checkpoint
 from simclr_core.config import ConfigError, FinetuneConfig, LinearEvalConfig, TransferConfig
 from simclr_core.data import PreparedDataset
 from simclr_core.features import extract
-from simclr_core.models import SimCLRModel
-from simclr_core.optim import warmup_cosine
+from simclr_core.method.models import SimCLRModel
+from simclr_core.method.optim import warmup_cosine
 from simclr_core.train import build_model, progress_bar, seeded_generator
 
 __all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetune", "transfer", "topk_accuracy"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_core.augment import batched_test_transform
+from simclr_core.method.augment import batched_test_transform
 from simclr_core.data import PreparedDataset
 from simclr_core.evaluate import load_pretrained
 from simclr_core.features import extract

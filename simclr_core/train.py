@@ -26,17 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from simclr_core.augment import AugmentConfig, BatchedAugment, batched_test_transform
+from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_test_transform
 from simclr_core.checkpoint import CheckpointManager, save_checkpoint
 from simclr_core.config import ConfigError, PretrainConfig
 from simclr_core.data import PreparedDataset
-from simclr_core.distributed import DistEnv, convert_to_global_bn
+from simclr_core.method.distributed import DistEnv, convert_to_global_bn
 from simclr_core.features import extract
 from simclr_core.knn import knn_accuracy
-from simclr_core.loss import NTXentLoss
-from simclr_core.models import SimCLRModel, uses_cifar_stem
+from simclr_core.method.loss import NTXentLoss
+from simclr_core.method.models import SimCLRModel, uses_cifar_stem
 from simclr_core.monitoring import TrainingMonitor
-from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
+from simclr_core.method.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
 from simclr_core.runlock import run_lock
 from simclr_core.storage import Store, open_store, staged_output
 

@@ -30,8 +30,8 @@ def _die() -> None:
 
 def _install(fault: str, at_step: int) -> None:
     from simclr_core import checkpoint as checkpoint_module
-    from simclr_core.loss import NTXentLoss
-    from simclr_core.optim import LARS
+    from simclr_core.method.loss import NTXentLoss
+    from simclr_core.method.optim import LARS
 
     if fault == "kill-before-step":
         original_step = LARS.step

@@ -1,7 +1,7 @@
 """Run a function in several gloo processes, the way torchrun or the Training Operator would.
 
 Each process gets the standard environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
-LOCAL_RANK) and calls :func:`simclr_core.distributed.init_distributed` itself, so the tests
+LOCAL_RANK) and calls :func:`simclr_core.launch.init_distributed` itself, so the tests
 go through the same set-up as training. Results come back as whatever the worker returns.
 """
 
@@ -60,7 +60,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    from simclr_core.distributed import destroy_distributed, init_distributed
+    from simclr_core.launch import destroy_distributed, init_distributed
 
     try:
         env = init_distributed(backend="gloo", device="cpu", timeout_s=120)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_core.augment import (
+from simclr_core.method.augment import (
     JITTER_OPS,
     AugmentConfig,
     BatchedAugment,

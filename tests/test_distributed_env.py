@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from simclr_core.distributed import all_gather_with_grad, get_rank, get_world_size, init_distributed
+from simclr_core.launch import init_distributed
+from simclr_core.method.distributed import all_gather_with_grad, get_rank, get_world_size
 from tests.multiproc import free_port
 
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_MASTER_ADDR", "PET_MASTER_PORT")

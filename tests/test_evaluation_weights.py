@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from simclr_core import evaluate
-from simclr_core.augment import batched_test_transform
+from simclr_core.method.augment import batched_test_transform
 from simclr_core.config import FinetuneConfig, LinearEvalConfig, TransferConfig
 from simclr_core.data import PreparedDataset
-from simclr_core.models import build_encoder
+from simclr_core.method.models import build_encoder
 
 CPU = torch.device("cpu")
 

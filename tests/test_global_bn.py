@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_core.distributed import DistEnv, GlobalBatchNorm, convert_to_global_bn
+from simclr_core.method.distributed import DistEnv, GlobalBatchNorm, convert_to_global_bn
 from tests.multiproc import run_workers
 
 WORLD = 2

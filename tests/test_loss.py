@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simclr_core import loss as loss_module
-from simclr_core.loss import NTXentLoss, nt_xent
+from simclr_core.method import loss as loss_module
+from simclr_core.method.loss import NTXentLoss, nt_xent
 from tests.multiproc import run_workers
 
 

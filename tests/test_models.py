@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from simclr_core.models import ProjectionHead, SimCLRModel, build_encoder, uses_cifar_stem
+from simclr_core.method.models import ProjectionHead, SimCLRModel, build_encoder, uses_cifar_stem
 
 
 @pytest.mark.parametrize(

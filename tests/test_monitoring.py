@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from simclr_core import monitoring, train
 from simclr_core.checkpoint import load_checkpoint
 from simclr_core.config import ConfigError
-from simclr_core.distributed import DistEnv
+from simclr_core.method.distributed import DistEnv
 from simclr_core.monitoring import TrainingMonitor
 from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
 from tests.multiproc import free_port

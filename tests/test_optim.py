@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_core.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine, warmup_cosine_scheduler
+from simclr_core.method.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine, warmup_cosine_scheduler
 
 ETA, MOMENTUM, WD, LR = 0.001, 0.9, 1e-2, 0.5  # large WD so its effect is visible
 

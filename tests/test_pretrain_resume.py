@@ -14,8 +14,8 @@ import torch
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
 from simclr_core.storage import LocalStore
 from simclr_core.config import PretrainConfig
-from simclr_core.distributed import DistEnv
-from simclr_core.optim import LARS
+from simclr_core.method.distributed import DistEnv
+from simclr_core.method.optim import LARS
 import simclr_core.train as train_module
 from simclr_core.train import pretrain
 from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli

@@ -24,8 +24,8 @@ from PIL import Image
 
 from simclr_core import train
 from simclr_core.config import PretrainConfig
-from simclr_core.distributed import init_distributed
-from simclr_core.models import SimCLRModel
+from simclr_core.launch import init_distributed
+from simclr_core.method.models import SimCLRModel
 from tests.conftest import run_cli
 
 IMAGES_PER_CLASS = 64

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_core.distributed import all_gather_with_grad, get_rank, get_world_size
+from simclr_core.method.distributed import all_gather_with_grad, get_rank, get_world_size
 
 __all__ = ["NTXentLoss", "nt_xent"]
 
