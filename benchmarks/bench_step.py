@@ -33,7 +33,8 @@ from simclr_core.method.augment import BatchedAugment
 from simclr_core.config import PrepareConfig, PretrainConfig
 from simclr_core.data import PreparedDataset, prepare
 from simclr_core.method.distributed import DistEnv
-from simclr_core.train import _augment_config, build_model, model_config_for, pretrain, seeded_generator, uses_bf16
+from simclr_core.method.random_streams import RandomStream, seeded_generator
+from simclr_core.train import _augment_config, build_model, model_config_for, pretrain, uses_bf16
 
 SECTION = "bench_step"
 SIZE = 32
@@ -97,7 +98,7 @@ def data_path_rate(data: Path, config: PretrainConfig, repeats: int) -> float:
     def fetch():
         index = np.sort(rng.choice(len(images), batch, replace=False))
         x = torch.from_numpy(images[index])
-        params = augment.sample_params(2 * batch, SIZE, SIZE, seeded_generator(0, 2, 0))
+        params = augment.sample_params(2 * batch, SIZE, SIZE, seeded_generator(0, RandomStream.PRETRAIN_VIEWS, 0))
         return augment.apply(torch.cat([x, x]), params)
 
     return batch / best_seconds(fetch, repeats)

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_test_transform
 from simclr_core.checkpoint import CheckpointError, load_checkpoint
 from simclr_core.config import ConfigError, FinetuneConfig, LinearEvalConfig, TransferConfig
 from simclr_core.data import PreparedDataset
 from simclr_core.features import extract
+from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_test_transform
 from simclr_core.method.models import SimCLRModel
 from simclr_core.method.optim import warmup_cosine
-from simclr_core.train import build_model, progress_bar, seeded_generator
+from simclr_core.method.random_streams import RandomStream, seeded_generator
+from simclr_core.train import build_model, progress_bar
 
 __all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetune", "transfer", "topk_accuracy"]
 
@@ -194,7 +195,7 @@ def _linear_protocol(
     labels = [train_y]
     crop_flip = BatchedAugment(AugmentConfig.crop_flip_only(image_size))
     for copy in range(augment_copies):
-        generator = seeded_generator(seed, 3, copy)
+        generator = seeded_generator(seed, RandomStream.LINEAR_EVAL_COPY, copy)
         train_x.append(extract(encoder, train_images, lambda x: crop_flip(x, generator), device, batch_size))
         labels.append(train_y)
     val_x = extract(encoder, val_images, test_transform, device, batch_size)
@@ -269,10 +270,10 @@ def train_classifier(
     bar = progress_bar(total_steps, 0, batch_size, desc=desc)
     for step in range(total_steps):
         epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(n, generator=seeded_generator(seed, 4, epoch))
+        order = torch.randperm(n, generator=seeded_generator(seed, RandomStream.CLASSIFIER_ORDER, epoch))
         index = order[position * batch_size : (position + 1) * batch_size].sort().values
         batch = torch.from_numpy(np.ascontiguousarray(images[index.numpy()])).to(device)
-        views = augment(batch, seeded_generator(seed, 5, step)).contiguous(memory_format=torch.channels_last)
+        views = augment(batch, seeded_generator(seed, RandomStream.CLASSIFIER_VIEWS, step)).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(network(views), labels[index.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_core.method.augment import batched_test_transform
 from simclr_core.data import PreparedDataset
 from simclr_core.evaluate import load_pretrained
 from simclr_core.features import extract
+from simclr_core.method.augment import batched_test_transform
 from simclr_core.storage import write_text
 from simclr_core.train import MODEL_NAME
 

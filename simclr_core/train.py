@@ -36,11 +36,12 @@ from simclr_core.knn import knn_accuracy
 from simclr_core.method.loss import NTXentLoss
 from simclr_core.method.models import SimCLRModel, uses_cifar_stem
 from simclr_core.monitoring import TrainingMonitor
+from simclr_core.method.random_streams import RandomStream, seeded_generator
 from simclr_core.method.optim import LARS, lars_param_groups, scale_learning_rate, warmup_cosine_scheduler
 from simclr_core.runlock import run_lock
 from simclr_core.storage import Store, open_store, staged_output
 
-__all__ = ["pretrain", "check_world_size", "model_config_for", "build_model", "seeded_generator", "TrainingError"]
+__all__ = ["pretrain", "check_world_size", "model_config_for", "build_model", "TrainingError"]
 
 log = logging.getLogger("simclr.pretrain")
 
@@ -50,12 +51,6 @@ LIVE_DIR = "live"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, for one); the message names the step."""
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``keys`` through numpy's SeedSequence (no collisions)."""
-    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
 
 
 def model_config_for(config: PretrainConfig, image_size: int) -> dict[str, Any]:
@@ -151,7 +146,7 @@ def _plan(config: PretrainConfig, num_images: int, world_size: int) -> _Plan:
 
 def _local_indices(config: PretrainConfig, plan: _Plan, step: int, rank: int) -> np.ndarray:
     epoch, position = divmod(step, plan.steps_per_epoch)
-    order = torch.randperm(plan.num_images, generator=seeded_generator(config.seed, 1, epoch)).numpy()
+    order = torch.randperm(plan.num_images, generator=seeded_generator(config.seed, RandomStream.PRETRAIN_ORDER, epoch)).numpy()
     global_batch = np.sort(order[position * config.batch_size : (position + 1) * config.batch_size])  # sorted: memmap reads in order
     return global_batch[rank * plan.local_batch : (rank + 1) * plan.local_batch]
 
@@ -291,7 +286,7 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
         images = torch.from_numpy(train_images[_local_indices(config, plan, at_step, env.rank)])
         if use_cuda:
             images = images.pin_memory().to(env.device, non_blocking=True)
-        params = augment.sample_params(2 * config.batch_size, *train_images.shape[-2:], seeded_generator(config.seed, 2, at_step))
+        params = augment.sample_params(2 * config.batch_size, *train_images.shape[-2:], seeded_generator(config.seed, RandomStream.PRETRAIN_VIEWS, at_step))
         views = augment.apply(torch.cat([images, images]), params.rows(own_rows).to(env.device))
         return views.contiguous(memory_format=torch.channels_last)
 
