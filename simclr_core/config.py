@@ -104,43 +104,75 @@ class PrepareConfig:
             _check(0 < fraction <= 1, "prepare.label_fractions", "a list of values in (0, 1]", self.label_fractions)
 
 
+# Every PretrainConfig setting names its group in its field's metadata (tests/test_config_groups.py
+# fails on one that does not): a "method" setting changes what the run computes, so a checkpoint
+# written under another value belongs to another run and is not resumed; a "runtime" setting
+# changes how or where it computes, not what (precision: only its rounding), so a checkpoint
+# written under another value resumes.
+GROUP, METHOD, RUNTIME = "group", "method", "runtime"
+
+
+def _method(default: Any) -> Any:
+    """A setting that changes what pretraining computes; see GROUP."""
+    return dataclasses.field(default=default, metadata={GROUP: METHOD})
+
+
+def _runtime(default: Any) -> Any:
+    """A setting that changes how or where pretraining computes, not what; see GROUP."""
+    return dataclasses.field(default=default, metadata={GROUP: RUNTIME})
+
+
+def settings_in_group(cls, group: str) -> frozenset[str]:
+    """The names of ``cls``'s fields whose metadata puts them in ``group``."""
+    return frozenset(field.name for field in dataclasses.fields(cls) if field.metadata.get(GROUP) == group)
+
+
+def changed_method_settings(saved: dict[str, Any], config: PretrainConfig) -> list[str]:
+    """The settings, sorted, in which ``saved`` (a checkpoint's ``pretrain_config``) and ``config``
+    describe different runs: every setting but the runtime ones, a key that only one side has too
+    (a setting added or removed since the checkpoint was written)."""
+    current = dataclasses.asdict(config)
+    runtime = settings_in_group(PretrainConfig, RUNTIME)
+    return sorted(key for key in set(saved) | set(current) if key not in runtime and saved.get(key) != current.get(key))
+
+
 @dataclasses.dataclass
 class PretrainConfig:
-    """``simclr pretrain``: SimCLR pretraining."""
+    """``simclr pretrain``: SimCLR pretraining. Each setting is ``_method`` or ``_runtime`` (see GROUP)."""
 
-    arch: str = "resnet18"
-    width_multiplier: float = 1.0
-    cifar_stem: str = "auto"  # "auto" (<= 64 px), "true" or "false"
-    image_size: int = 0  # training side in pixels (0 = the dataset's)
-    proj_layers: int = 2
-    proj_hidden_dim: int = 0  # 0 = the encoder's feature width
-    proj_out_dim: int = 128
-    epochs: int = 100
-    batch_size: int = 512  # global, over all processes
-    temperature: float = 0.5
-    base_lr: float = 0.3
-    lr_scaling: str = "linear"  # "linear" (base_lr * B / 256) or "sqrt" (base_lr * sqrt(B))
-    warmup_epochs: float = 10.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    strength: float = -1.0  # colour-jitter strength s (< 0 = by image size: 0.5 at <= 32 px, else 1)
-    blur: str = "auto"  # "auto" (off at <= 32 px), "true" or "false"
-    crop_min_scale: float = 0.08  # smallest crop area, as a fraction of the image (the paper: 0.08)
-    seed: int = 0
-    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0 = epoch ends only)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_bank_size: int = 10000  # labelled training images in the kNN memory bank (0 = all)
-    num_threads: int = 0  # torch CPU threads per process (0 = torch's default)
-    data_threads: int = 1  # torch CPU threads of the background thread that makes the views
-    precision: str = "auto"  # "auto" (bf16 where the device computes it natively), "bf16" or "fp32"
-    keep_checkpoints: int = 3  # the last K checkpoints kept (the best by kNN accuracy is kept too)
-    metrics_port: int = 0  # Prometheus endpoint on this port + local rank (0 = off)
-    metrics_pushgateway: str = ""  # Pushgateway address (host:port) to push to at epoch ends ("" = off)
+    arch: str = _method("resnet18")
+    width_multiplier: float = _method(1.0)
+    cifar_stem: str = _method("auto")  # "auto" (<= 64 px), "true" or "false"
+    image_size: int = _method(0)  # training side in pixels (0 = the dataset's)
+    proj_layers: int = _method(2)
+    proj_hidden_dim: int = _method(0)  # 0 = the encoder's feature width
+    proj_out_dim: int = _method(128)
+    epochs: int = _method(100)
+    batch_size: int = _method(512)  # global, over all processes
+    temperature: float = _method(0.5)
+    base_lr: float = _method(0.3)
+    lr_scaling: str = _method("linear")  # "linear" (base_lr * B / 256) or "sqrt" (base_lr * sqrt(B))
+    warmup_epochs: float = _method(10.0)
+    weight_decay: float = _method(1e-6)
+    momentum: float = _method(0.9)
+    strength: float = _method(-1.0)  # colour-jitter strength s (< 0 = by image size: 0.5 at <= 32 px, else 1)
+    blur: str = _method("auto")  # "auto" (off at <= 32 px), "true" or "false"
+    crop_min_scale: float = _method(0.08)  # smallest crop area, as a fraction of the image (the paper: 0.08)
+    seed: int = _method(0)
+    checkpoint_every: int = _runtime(200)  # steps between mid-epoch checkpoints (0 = epoch ends only)
+    knn_k: int = _runtime(200)
+    knn_temperature: float = _runtime(0.1)
+    knn_bank_size: int = _runtime(10000)  # labelled training images in the kNN memory bank (0 = all)
+    num_threads: int = _runtime(0)  # torch CPU threads per process (0 = torch's default)
+    data_threads: int = _runtime(1)  # torch CPU threads of the background thread that makes the views
+    precision: str = _runtime("auto")  # "auto" (bf16 where the device computes it natively), "bf16" or "fp32"
+    keep_checkpoints: int = _runtime(3)  # the last K checkpoints kept (the best by kNN accuracy is kept too)
+    metrics_port: int = _runtime(0)  # Prometheus endpoint on this port + local rank (0 = off)
+    metrics_pushgateway: str = _runtime("")  # Pushgateway address (host:port) to push to at epoch ends ("" = off)
     # seconds a collective may wait for the other ranks before this rank fails (a lost peer is
     # noticed after this long, and the job restarts from its checkpoint); it must outlast what
     # rank 0 does alone between steps (a checkpoint upload, the epoch's kNN pass)
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = _runtime(600.0)
 
     def __post_init__(self) -> None:
         _check_magnitudes(self, "pretrain")

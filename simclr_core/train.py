@@ -28,7 +28,7 @@ from torch import nn
 
 from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_test_transform
 from simclr_core.checkpoint import CheckpointManager, save_checkpoint
-from simclr_core.config import ConfigError, PretrainConfig
+from simclr_core.config import ConfigError, PretrainConfig, changed_method_settings
 from simclr_core.data import PreparedDataset
 from simclr_core.method.distributed import DistEnv, convert_to_global_bn
 from simclr_core.features import extract
@@ -359,14 +359,6 @@ def _pretrain(config: PretrainConfig, data_dir: str | Path, store: Store, out_di
     return results
 
 
-# Settings that do not change what is computed (precision changes only its rounding): a
-# checkpoint written under other values resumes.
-_RESUME_INDEPENDENT = {
-    "checkpoint_every", "num_threads", "data_threads", "precision", "knn_k", "knn_temperature", "knn_bank_size",
-    "keep_checkpoints", "metrics_port", "metrics_pushgateway", "collective_timeout_s",
-}
-
-
 def _resumable_state(
     checkpoints: CheckpointManager, config: PretrainConfig, model_config: dict[str, Any], env: DistEnv
 ) -> dict[str, Any] | None:
@@ -380,9 +372,7 @@ def _resumable_state(
     if found is None:
         return None
     state, meta = found
-    saved = state.get("pretrain_config", {})
-    current = dataclasses.asdict(config)
-    changed = sorted(k for k in set(saved) | set(current) if k not in _RESUME_INDEPENDENT and saved.get(k) != current.get(k))
+    changed = changed_method_settings(state.get("pretrain_config", {}), config)
     if changed or state.get("model_config") != model_config:
         if env.is_main:
             checkpoints.clear()  # the new run's checkpoints replace the other run's
