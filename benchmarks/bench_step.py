@@ -2,7 +2,7 @@
 
 For ResNet-18 at 32 px (CIFAR stem and ImageNet stem), global batch B:
 
-- **end to end**: images/s of `simclr_core.train.pretrain` itself (a prepared dataset read
+- **end to end**: images/s of `simclr_core.pretrain.pretrain` itself (a prepared dataset read
   from disk, the paper's augmentations drawn per image, both views in one forward pass,
   NT-Xent, LARS, global BN), from the second epoch (the first pays warm-up);
 - **bare**: images/s of the same model's forward + backward on 2B already-made tensors
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from common import best_seconds, mean_seconds, peak_rss_kib, reset_peak_rss_kib, spread, write_results  # benchmarks/ is the script's directory
-from simclr_core.method.augment import BatchedAugment
 from simclr_core.config import PrepareConfig, PretrainConfig
 from simclr_core.data import PreparedDataset, prepare
+from simclr_core.method.augment import BatchedAugment
 from simclr_core.method.distributed import DistEnv
 from simclr_core.method.random_streams import RandomStream, seeded_generator
-from simclr_core.train import _augment_config, build_model, model_config_for, pretrain, uses_bf16
+from simclr_core.pretrain import pretrain
+from simclr_core.pretrain.model_setup import augment_config_for, build_model, model_config_for, uses_bf16
 
 SECTION = "bench_step"
 SIZE = 32
@@ -91,7 +92,7 @@ def bare_rate(config: PretrainConfig, repeats: int) -> float:
 def data_path_rate(data: Path, config: PretrainConfig, repeats: int) -> float:
     """images/s of the trainer's data path alone: memmap read of a batch, then both views."""
     images = PreparedDataset(data).images("train")
-    augment = BatchedAugment(_augment_config(config, SIZE))
+    augment = BatchedAugment(augment_config_for(config, SIZE))
     batch = config.batch_size
     rng = np.random.default_rng(0)
 

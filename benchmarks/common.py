@@ -52,7 +52,7 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-    from simclr_core.train import _cpu_has_native_bf16
+    from simclr_core.pretrain.model_setup import _cpu_has_native_bf16
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     bf16 = "native bf16 (precision auto = fp32 on CPU all the same)" if _cpu_has_native_bf16() else "no native bf16"

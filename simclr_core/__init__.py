@@ -7,7 +7,7 @@ ones below it (tests/test_layout.py checks):
   projection head, NT-Xent, LARS and its schedule, global BatchNorm and the gathers.
 - :mod:`simclr_core.launch`: torch.distributed from the launch environment (torchrun, a PyTorchJob).
 - data, checkpoints, storage, metrics: the stages' inputs and outputs.
-- the stages: pretraining (:mod:`simclr_core.train`), evaluations, the report.
+- the stages: pretraining (:mod:`simclr_core.pretrain`), evaluations, the report.
 - :mod:`simclr_core.cli`: the ``simclr`` command.
 """
 

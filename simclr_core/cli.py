@@ -112,7 +112,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.launch import destroy_distributed, init_distributed, read_launch_env
     from simclr_core.data import PreparedDataset
     from simclr_core.storage import staged_input
-    from simclr_core.train import check_world_size, pretrain
+    from simclr_core.pretrain import check_world_size, pretrain
 
     config = config_from_args(PretrainConfig, "pretrain", args)
     launch = read_launch_env()
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from simclr_core.config import ConfigError
     from simclr_core.data import SourceError
     from simclr_core.storage import StorageError, StorageUnavailable
-    from simclr_core.train import TrainingError
+    from simclr_core.pretrain import TrainingError
 
     try:
         if getattr(args, "out", None):

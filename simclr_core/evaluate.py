@@ -33,7 +33,8 @@ from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_te
 from simclr_core.method.models import SimCLRModel
 from simclr_core.method.optim import warmup_cosine
 from simclr_core.method.random_streams import RandomStream, seeded_generator
-from simclr_core.train import build_model, progress_bar
+from simclr_core.pretrain.model_setup import build_model
+from simclr_core.pretrain.observers import progress_bar
 
 __all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetune", "transfer", "topk_accuracy"]
 
@@ -66,7 +67,7 @@ def load_pretrained(path: str | Path, device: torch.device) -> tuple[SimCLRModel
             "It was written for another architecture or width, or edited; use the model.pt of the `simclr pretrain` run"
         )
     model.load_state_dict(weights)
-    return model.to(device, memory_format=torch.channels_last), model_config  # faster on CPU and GPU (train.py)
+    return model.to(device, memory_format=torch.channels_last), model_config  # faster on CPU and GPU (pretrain/model_setup.py)
 
 
 def _describe_model(model_config: dict[str, Any]) -> str:

@@ -31,11 +31,8 @@ This module knows nothing about Kubernetes or Kubeflow.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
@@ -133,22 +130,6 @@ class TrainingMonitor:
         """Record a checkpoint save that raised."""
         if self.enabled:
             self._save_failures.inc()
-
-    @contextlib.contextmanager
-    def saving_checkpoint(self, record: bool = True) -> Iterator[None]:
-        """Time the checkpoint save in the ``with`` block; count it as failed if it raises (and re-raise).
-
-        ``record=False`` (ranks that do not write checkpoints) records nothing.
-        """
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception:
-            if record:
-                self.checkpoint_failed()
-            raise
-        if record:
-            self.checkpoint_saved(time.perf_counter() - start)
 
     def push(self) -> None:
         """Push every metric to the Pushgateway, if one is set; a failure is a warning, never fatal."""

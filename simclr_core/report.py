@@ -23,8 +23,8 @@ from simclr_core.data import PreparedDataset
 from simclr_core.evaluate import load_pretrained
 from simclr_core.features import extract
 from simclr_core.method.augment import batched_test_transform
+from simclr_core.pretrain.trainer import MODEL_NAME
 from simclr_core.storage import write_text
-from simclr_core.train import MODEL_NAME
 
 __all__ = ["read_curves", "nearest_neighbours", "pretrain_report"]
 

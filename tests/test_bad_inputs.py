@@ -87,7 +87,7 @@ def _enospc() -> OSError:
 def _save_model(path: Path, arch: str = "resnet18", width: float = 0.125, edit: Callable[[dict], None] | None = None) -> Path:
     """A pretraining-format model.pt with untrained weights (what `simclr pretrain` writes, minus the training)."""
     from simclr_core.config import PretrainConfig
-    from simclr_core.train import build_model, model_config_for
+    from simclr_core.pretrain.model_setup import build_model, model_config_for
 
     model_config = model_config_for(PretrainConfig(arch=arch, width_multiplier=width, cifar_stem="false"), 16)
     torch.manual_seed(0)

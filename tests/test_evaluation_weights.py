@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from simclr_core import evaluate
-from simclr_core.method.augment import batched_test_transform
 from simclr_core.config import FinetuneConfig, LinearEvalConfig, TransferConfig
 from simclr_core.data import PreparedDataset
+from simclr_core.method.augment import batched_test_transform
 from simclr_core.method.models import build_encoder
 
 CPU = torch.device("cpu")

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simclr_core import monitoring, train
-from simclr_core.checkpoint import load_checkpoint
+from simclr_core import monitoring
+from simclr_core.checkpoint import CheckpointManager, load_checkpoint
 from simclr_core.config import ConfigError
 from simclr_core.method.distributed import DistEnv
 from simclr_core.monitoring import TrainingMonitor
+from simclr_core.pretrain import observers, pretrain
 from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
 from tests.multiproc import free_port
 from tests.test_pretrain_resume import _tiny_config
@@ -206,9 +207,9 @@ def test_pretrain_serves_its_metrics_while_it_runs(tiny_prepared, tmp_path, monk
             super().on_epoch(results)
             seen["scrapes"].append((results, _samples(_get(f"http://127.0.0.1:{port}/metrics"))))
 
-    monkeypatch.setattr(train, "TrainingMonitor", Recording)
+    monkeypatch.setattr(observers, "TrainingMonitor", Recording)
     start = time.time()
-    results = train.pretrain(_tiny_config(metrics_port=port), tiny_prepared, tmp_path / "run", DistEnv())
+    results = pretrain(_tiny_config(metrics_port=port), tiny_prepared, tmp_path / "run", DistEnv())
 
     (monitor,) = seen["monitors"]
     assert monitor.port == port
@@ -259,10 +260,10 @@ def test_a_failed_checkpoint_save_is_counted_and_stops_the_run(tiny_prepared, tm
     def broken_save(self, *args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train, "TrainingMonitor", Recording)
-    monkeypatch.setattr(train.CheckpointManager, "save", broken_save)
+    monkeypatch.setattr(observers, "TrainingMonitor", Recording)
+    monkeypatch.setattr(CheckpointManager, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train.pretrain(_tiny_config(metrics_port=free_port()), tiny_prepared, tmp_path / "run", DistEnv())
+        pretrain(_tiny_config(metrics_port=free_port()), tiny_prepared, tmp_path / "run", DistEnv())
     (monitor,) = seen
     assert monitor.registry.get_sample_value("simclr_checkpoint_save_failures_total", {"rank": "0"}) == 1
     assert monitor.registry.get_sample_value("simclr_checkpoint_save_duration_seconds_count", {"rank": "0"}) == 0
@@ -376,5 +377,5 @@ def test_epoch_end_is_pushed_after_its_checkpoint_is_saved(tiny_prepared, tmp_pa
         newest_at_push.append((results["epoch"], CheckpointManager(LocalStore(tmp_path / "run")).list()[0]["step"]))
 
     monkeypatch.setattr(TrainingMonitor, "on_epoch", record)
-    train.pretrain(_tiny_config(checkpoint_every=0), tiny_prepared, tmp_path / "run", DistEnv())
+    pretrain(_tiny_config(checkpoint_every=0), tiny_prepared, tmp_path / "run", DistEnv())
     assert newest_at_push == [(1, 3), (2, 6)]  # 3 steps an epoch: each epoch's checkpoint is already there

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from simclr_core.train import _Prefetcher
+from simclr_core.pretrain.prefetch import Prefetcher
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_prefetcher_returns_each_steps_views_in_order_and_stops_at_the_end():
         made.append(step)
         return torch.full((2,), float(step))
 
-    batches = _Prefetcher(make, first_step=3, total_steps=6)
+    batches = Prefetcher(make, first_step=3, total_steps=6)
     try:
         got = [batches.get(step)[0] for step in range(3, 6)]
     finally:
@@ -41,7 +41,7 @@ def test_data_thread_runs_on_its_own_thread_count_and_the_training_threads_keep_
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return torch.zeros(1)
 
-    batches = _Prefetcher(make, first_step=0, total_steps=3, data_threads=1)
+    batches = Prefetcher(make, first_step=0, total_steps=3, data_threads=1)
     try:
         for step in range(3):
             batches.get(step)

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
-from simclr_core.storage import LocalStore
 from simclr_core.config import PretrainConfig
 from simclr_core.method.distributed import DistEnv
 from simclr_core.method.optim import LARS
-import simclr_core.train as train_module
-from simclr_core.train import pretrain
+from simclr_core.pretrain import model_setup, pretrain
+from simclr_core.storage import LocalStore
 from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
 from tests.multiproc import free_port
 
@@ -165,7 +164,7 @@ def test_two_processes_equal_one_over_three_epochs_step_by_step(tiny_prepared, t
 
 
 def test_bf16_autocast_is_used_when_asked_and_stays_close_to_fp32(tiny_prepared, tmp_path, caplog):
-    from simclr_core.train import TrainingError
+    from simclr_core.pretrain import TrainingError
 
     settings = dict(epochs=1, width_multiplier=0.25, base_lr=0.05)
     with caplog.at_level("INFO", logger="simclr.pretrain"):
@@ -175,7 +174,7 @@ def test_bf16_autocast_is_used_when_asked_and_stays_close_to_fp32(tiny_prepared,
             # On a CPU with native bf16 (AVX512-BF16/AMX), identical runs of this model reached
             # a NaN loss in about half of the tries (2026-11-30; not isolated, below our code):
             # why `auto` is fp32 on CPUs. Elsewhere a NaN here is a failure.
-            if "loss is nan" in str(error) and train_module._cpu_has_native_bf16():
+            if "loss is nan" in str(error) and model_setup._cpu_has_native_bf16():
                 pytest.xfail(f"known: bf16 on this CPU's native kernels gave {error}"[:200])
             raise
     assert "bf16 autocast" in caplog.text
@@ -193,8 +192,8 @@ def test_bf16_autocast_is_used_when_asked_and_stays_close_to_fp32(tiny_prepared,
      ("auto", "cpu", True, False), ("auto", "cpu", False, False)],
 )
 def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpus(monkeypatch, precision, device, native, expected):
-    monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: native)
-    assert train_module.uses_bf16(precision, torch.device(device)) is expected
+    monkeypatch.setattr(model_setup, "_cpu_has_native_bf16", lambda: native)
+    assert model_setup.uses_bf16(precision, torch.device(device)) is expected
 
 
 def test_batch_smaller_than_world_size_exits_2_before_rendezvous(tiny_prepared, tmp_path):

@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_core import train
 from simclr_core.config import PretrainConfig
 from simclr_core.launch import init_distributed
 from simclr_core.method.models import SimCLRModel
+from simclr_core.pretrain import pretrain
 from tests.conftest import run_cli
 
 IMAGES_PER_CLASS = 64
@@ -60,7 +60,7 @@ def _views(monkeypatch, data: Path, out: Path, **settings) -> torch.Tensor:
         width_multiplier=0.0625, batch_size=64, epochs=1, warmup_epochs=0, knn_bank_size=0, knn_k=1, num_threads=1,
         precision="fp32", checkpoint_every=0, cifar_stem="false", **settings,
     )
-    train.pretrain(config, data, out, init_distributed(device="cpu"))
+    pretrain(config, data, out, init_distributed(device="cpu"))
     views = torch.cat(captured)
     assert views.shape[0] == 2 * 2 * IMAGES_PER_CLASS  # both views of every image, once
     return views

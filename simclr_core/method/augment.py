@@ -356,7 +356,7 @@ class BatchedAugment:
         if self.config.blur_enabled:
             x = self._blur(x, params.blur, params.blur_sigma)
         x = x.clamp_(0.0, 1.0)
-        # gray: the one copy to three channels, in the layout the models are kept in (train.py)
+        # gray: the one copy to three channels, in the layout the models are kept in (pretrain/model_setup.py)
         return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last) if gray else x
 
     def _crop_flip_resize(self, x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
