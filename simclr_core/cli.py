@@ -241,26 +241,37 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from simclr_core import __version__
-    from simclr_core.config import FinetuneConfig, LinearEvalConfig, PrepareConfig, PretrainConfig, TransferConfig, add_config_arguments
 
     parser = argparse.ArgumentParser(prog="simclr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"simclr {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    _add_stages(commands)
+    _add_tools(commands)
+    return parser
 
-    def stage(name: str, help_text: str, handler, config_cls=None):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_common(sub)
-        if config_cls is not None:
-            add_config_arguments(sub, config_cls)
-        sub.set_defaults(handler=handler)
-        return sub
 
-    sub = stage("prepare", "read a source and write a prepared dataset directory", _cmd_prepare, PrepareConfig)
+def _add_stage(commands, name: str, help_text: str, handler, config_cls=None) -> argparse.ArgumentParser:
+    """A stage's subcommand: --params, --device, and one option per setting of ``config_cls``."""
+    from simclr_core.config import add_config_arguments
+
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    _add_common(sub)
+    if config_cls is not None:
+        add_config_arguments(sub, config_cls)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _add_stages(commands) -> None:
+    """prepare, pretrain, linear-eval, finetune, transfer: the stages of dvc.yaml and the pipeline."""
+    from simclr_core.config import FinetuneConfig, LinearEvalConfig, PrepareConfig, PretrainConfig, TransferConfig
+
+    sub = _add_stage(commands, "prepare", "read a source and write a prepared dataset directory", _cmd_prepare, PrepareConfig)
     sub.add_argument("--out", required=True, help="the prepared dataset directory to write")
     sub.add_argument("--section", default="prepare", help="params.yaml section to read (default: prepare; transfer_data for the transfer dataset)")
 
-    sub = stage("pretrain", "SimCLR pretraining (one process, or under torchrun / a PyTorchJob)", _cmd_pretrain, PretrainConfig)
+    sub = _add_stage(commands, "pretrain", "SimCLR pretraining (one process, or under torchrun / a PyTorchJob)", _cmd_pretrain, PretrainConfig)
     sub.add_argument("--data", required=True, help="prepared dataset directory")
     sub.add_argument("--out", required=True, help="run directory: checkpoints/, live/ metrics, model.pt")
 
@@ -269,11 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "semi-supervised fine-tuning on the label subsets, with the from-scratch baseline", _cmd_finetune, FinetuneConfig, "prepared dataset directory"),
         ("transfer", "linear and fine-tuned evaluation on another dataset, with random-init baselines", _cmd_transfer, TransferConfig, "prepared directory of the transfer dataset"),
     ):
-        sub = stage(name, help_text, handler, cls)
+        sub = _add_stage(commands, name, help_text, handler, cls)
         sub.add_argument("--model", required=True, help="model.pt written by `simclr pretrain` (or a checkpoint)")
         sub.add_argument("--data", required=True, help=data_help)
         sub.add_argument("--out", required=True, help="directory for metrics.json")
 
+
+def _add_tools(commands) -> None:
+    """report, summary, env: the commands around the stages."""
     sub = commands.add_parser(
         "report", help="an HTML report of a pretraining run: curves and nearest neighbours",
         description="Write report.html (per-epoch curves, nearest-neighbour pictures of the test split) and metrics.json.",
@@ -300,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with CUDA, else gloo")
     env.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     env.set_defaults(handler=_cmd_env)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

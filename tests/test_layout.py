@@ -130,3 +130,14 @@ def test_simclr_core_imports_neither_kfp_nor_kubernetes():
         if imported.split(".")[0] in FORBIDDEN_ROOTS
     ]
     assert found == []
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Every function and method, nested ones included: from its ``def`` line to its last line."""
+    long = [
+        f"{name}:{node.lineno} {node.name} has {node.end_lineno - node.lineno + 1} lines"
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert long == [], f"split these into named steps of at most {MAX_FUNCTION_LINES} lines"
