@@ -240,6 +240,7 @@ def _executor_outputs(run_root: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow  # about 80 s: the stage test covers every step's outcome in the fast suite
+@pytest.mark.timeout(960)  # above the run's own 900 s limit, so a slow machine fails with its output
 def test_whole_pipeline_runs_with_kfps_local_runner(tmp_path):
     """Every step, in the project's venv, on the texture dataset with a known answer
     (conftest.make_texture_folder): pretrained beats random init in every evaluation."""
