@@ -2,7 +2,9 @@
 lines of the log, and Prometheus metrics, each an :class:`Observer`.
 
 Observers see the loop and change nothing it computes. The trainer calls every one of them,
-in its list's order, after each step, after each checkpoint save (rank 0, which writes them),
+in its list's order, after each step (on an accelerator, a few steps late: it reads the
+losses of several steps at once, see :func:`~simclr_core.pretrain.trainer.finite_check_every`,
+but always before the next checkpoint), after each checkpoint save (rank 0, which writes them),
 at each epoch's end (after that epoch's checkpoint is saved, so what an observer shows is in a
 checkpoint), and once at the end.
 """
@@ -33,7 +35,7 @@ class StepDone:
     loss: float  # NT-Xent loss of this rank's rows
     lr: float  # learning rate for the next step
     images: int  # images this rank trained on (two views each)
-    seconds: float  # the whole step, data wait included
+    seconds: float  # the whole step, data wait included (on an accelerator: the mean of the steps read together)
     data_wait: float  # seconds the loop waited for the step's views
 
 

@@ -27,7 +27,7 @@ from simclr_core.pretrain.prefetch import Prefetcher
 from simclr_core.runlock import run_lock
 from simclr_core.storage import Store, open_store, staged_output
 
-__all__ = ["pretrain", "Trainer", "TrainingError", "MODEL_NAME"]
+__all__ = ["pretrain", "Trainer", "TrainingError", "MODEL_NAME", "finite_check_every"]
 
 log = logging.getLogger("simclr.pretrain")
 
@@ -36,6 +36,34 @@ MODEL_NAME = "model.pt"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, for one); the message names the step."""
+
+
+# Steps between reads of the losses on an accelerator. Reading a loss (``.item()``) makes the host
+# wait until the device has run every kernel queued so far; read every step, the host then queues
+# the next step's kernels while the device sits idle. The progress bar and the NaN stop lag by
+# this many steps (on a GPU, about a second for a small model).
+ACCELERATOR_CHECK_STEPS = 25
+
+
+def finite_check_every(device: torch.device) -> int:
+    """Steps between the checks that the losses are finite (and the observers' step calls) on ``device``.
+
+    1 on a CPU: its ops have run by the time they return, so reading a loss costs no wait.
+    Whatever the interval, a check comes before every checkpoint and at the last step, so a
+    non-finite step is never saved; the interval changes nothing the run computes.
+    """
+    return 1 if device.type == "cpu" else ACCELERATOR_CHECK_STEPS
+
+
+@dataclasses.dataclass(frozen=True)
+class _UncheckedStep:
+    """A step done whose loss the host has not read yet."""
+
+    step: int  # steps done, this one included
+    loss: torch.Tensor  # () on the training device, detached
+    lr: float  # learning rate for the next step
+    data_wait: float  # seconds the loop waited for the step's views
+    start: float  # perf_counter() when the step began
 
 
 def pretrain(config: PretrainConfig, data_dir: str | Path, out_dir: str | Path, env: DistEnv) -> dict[str, Any]:
@@ -115,6 +143,8 @@ class Trainer:
         self.loss_fn = NTXentLoss(config.temperature, gather=True)
         self.bf16 = uses_bf16(config.precision, env.device)
         self.knn = KnnProbe.from_dataset(self.dataset, config) if env.is_main else None
+        self.check_every = finite_check_every(env.device)
+        self.unchecked: list[_UncheckedStep] = []  # the steps since the last finiteness check
 
     # ---------------------------------------------------------------------------- the run
 
@@ -213,20 +243,21 @@ class Trainer:
         return views.contiguous(memory_format=torch.channels_last)
 
     def _step_and_observe(self, train_model: nn.Module, batches: Prefetcher, tally: _EpochTally, observers: list[Observer]) -> None:
-        """One optimizer step, then what follows it: the observers, and an epoch's end or a checkpoint when due."""
+        """One optimizer step, then what follows it: the finiteness check and the observers when due,
+        and an epoch's end or a checkpoint when due (always after a check)."""
         start = time.perf_counter()
         views, data_wait = batches.get(self.step)  # data_wait: seconds until this step's views were on the device
-        loss = self.train_step(train_model, views)
+        loss = self.train_step(train_model, views).detach()
         self.step += 1
-        loss_value = self._finite(loss.item())
-        tally.add(loss.detach(), data_wait)
-        lr = self.optimizer.param_groups[0]["lr"]
-        done = StepDone(self.step, self.plan.epoch_of(self.step), loss_value, lr, self.plan.local_batch, time.perf_counter() - start, data_wait)
-        for observer in observers:
-            observer.on_step(done)
-        if self.step % self.plan.steps_per_epoch == 0:
+        tally.add(loss, data_wait)
+        self.unchecked.append(_UncheckedStep(self.step, loss, self.optimizer.param_groups[0]["lr"], data_wait, start))
+        epoch_end = self.step % self.plan.steps_per_epoch == 0
+        checkpoint_due = bool(self.config.checkpoint_every) and self.step % self.config.checkpoint_every == 0
+        if epoch_end or checkpoint_due or self.step % self.check_every == 0 or self.step == self.plan.total_steps:
+            self._check_and_observe(observers)  # before any checkpoint: a non-finite step is never saved
+        if epoch_end:
             self.end_epoch(tally, observers)
-        elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+        elif checkpoint_due:
             self.save(None, tally, observers)
 
     def train_step(self, train_model: nn.Module, views: torch.Tensor) -> torch.Tensor:
@@ -243,13 +274,31 @@ class Trainer:
         self.scheduler.step()
         return loss
 
-    def _finite(self, loss_value: float) -> float:
-        """``loss_value``, or a TrainingError naming the step and the checkpoint a rerun resumes from."""
+    def _check_and_observe(self, observers: list[Observer]) -> None:
+        """Read the losses of the steps since the last check (one wait for the device), then, step by
+        step, stop at the first non-finite one or show it to the observers.
+
+        Each step's ``seconds`` is the checked steps' mean: on an accelerator the host runs ahead of
+        the device between checks, so only the time across them is the steps' real time.
+        """
+        records, self.unchecked = self.unchecked, []
+        losses = torch.stack([record.loss for record in records]).tolist()  # the one host sync
+        seconds = (time.perf_counter() - records[0].start) / len(records)
+        for record, loss in zip(records, losses):
+            self._stop_unless_finite(loss, record.step)
+            done = StepDone(record.step, self.plan.epoch_of(record.step), loss, record.lr, self.plan.local_batch, seconds, record.data_wait)
+            for observer in observers:
+                observer.on_step(done)
+
+    def _stop_unless_finite(self, loss_value: float, step: int) -> None:
+        """Nothing, or a TrainingError naming ``step`` (whose loss is ``loss_value``) and the checkpoint
+        a rerun resumes from."""
         if math.isfinite(loss_value):
-            return loss_value
+            return
         newest = self.checkpoints.list()
+        later = f" (nor the {self.step - step} step(s) run after it before this check)" if self.step > step else ""
         raise TrainingError(
-            f"loss is {loss_value} at step {self.step}; stopped without saving it. The latest checkpoint is still "
+            f"loss is {loss_value} at step {step}; stopped without saving it{later}. The latest checkpoint is still "
             f"{self.store.uri(newest[0]['file']) if newest else 'none (no checkpoint yet)'}. "
             "Lower pretrain.base_lr or raise pretrain.warmup_epochs, then rerun to resume from it"
         )
