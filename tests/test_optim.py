@@ -136,6 +136,88 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(a, b)
 
 
+class PerTensorLARS(torch.optim.Optimizer):
+    """The rule one parameter at a time, in float32, with plain tensor ops: the form LARS had before
+    its multi-tensor (``torch._foreach_*``) update, kept as the reference for it."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, eta: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for param in (p for p in group["params"] if p.grad is not None):
+                velocity = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+                direction, scale = param.grad, torch.tensor(group["lr"])
+                if not group["lars_exclude"]:
+                    direction = param.grad + group["weight_decay"] * param
+                    w_norm, g_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(direction)
+                    trust = group["eta"] * w_norm / g_norm if w_norm > 0 and g_norm > 0 else torch.tensor(1.0)
+                    scale = group["lr"] * trust
+                velocity.mul_(group["momentum"]).add_(scale * direction)
+                param.sub_(velocity)
+
+
+def _assert_same_parameters(multi: list[torch.Tensor], single: list[torch.Tensor]) -> None:
+    for index, (a, b) in enumerate(zip(multi, single)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"parameter {index}")
+
+
+def test_multi_tensor_lars_matches_the_per_tensor_rule_on_a_model():
+    """BN parameters and biases (a zero-init gamma among them) and adapted weights, 6 steps: the
+    foreach update equals the per-tensor one to float32 rounding (rtol 1e-6). On a CPU torch runs
+    foreach ops tensor by tensor, and the two came out bit-identical on the development machine;
+    only closeness is asserted, since a GPU's fused foreach kernels may round differently."""
+    models = [_small_model(), _small_model()]
+    multi = LARS(lars_param_groups(models[0], weight_decay=WD), lr=LR, momentum=MOMENTUM, eta=ETA)
+    single = PerTensorLARS(lars_param_groups(models[1], weight_decay=WD), lr=LR, momentum=MOMENTUM, eta=ETA)
+    for step in range(6):
+        for model, optimizer in zip(models, (multi, single)):
+            optimizer.zero_grad()
+            _loss(model, step).backward()
+            optimizer.step()
+        _assert_same_parameters([p.detach() for p in models[0].parameters()], [p.detach() for p in models[1].parameters()])
+    moved = (models[0][0].weight - _small_model()[0].weight).abs().max()
+    assert moved > 1e-4  # the steps did move the weights the comparison is about
+
+
+def _zero_norm_params() -> list[nn.Parameter]:
+    """Adapted: random; zero weight; zero gradient; both zero. Excluded: a zero gamma, a bias."""
+    generator = torch.Generator().manual_seed(3)
+    random = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    return [nn.Parameter(random(4, 3)), nn.Parameter(torch.zeros(5, 2)), nn.Parameter(random(3, 3)),
+            nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(3)), nn.Parameter(random(3))]
+
+
+def _zero_norm_groups(params: list[nn.Parameter]) -> list[dict]:
+    # the zero-gradient weights in a group without decay, so that g + wd * w stays zero too
+    return [
+        {"params": params[:2], "weight_decay": WD},
+        {"params": params[2:4], "weight_decay": 0.0},
+        {"params": params[4:], "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+def test_multi_tensor_lars_matches_the_per_tensor_rule_where_norms_are_zero():
+    """||w|| = 0 or ||g + wd w|| = 0 gives trust 1 in both forms (no 0/0), over 3 steps."""
+    pair = _zero_norm_params(), _zero_norm_params()
+    multi = LARS(_zero_norm_groups(pair[0]), lr=LR, momentum=MOMENTUM, eta=ETA)
+    single = PerTensorLARS(_zero_norm_groups(pair[1]), lr=LR, momentum=MOMENTUM, eta=ETA)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(10 + step)
+        for params in pair:
+            for index, param in enumerate(params):
+                zero_grad = index in (2, 3)
+                param.grad = torch.zeros_like(param) if zero_grad else torch.randn(param.shape, generator=generator)
+            generator.manual_seed(10 + step)  # the same gradients for the second form
+        multi.step()
+        single.step()
+        _assert_same_parameters([p.detach() for p in pair[0]], [p.detach() for p in pair[1]])
+    assert all(torch.isfinite(p).all() for p in pair[0])
+    assert torch.equal(pair[0][3].detach(), torch.zeros(2, 2))  # no weight, no gradient: it stays at zero
+    assert pair[0][1].detach().abs().min() > 0  # a zero weight with a gradient moves (trust 1)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"lr": -1}, "lr"), ({"lr": 1, "momentum": 1.0}, "momentum"), ({"lr": 1, "weight_decay": -1}, "weight_decay"), ({"lr": 1, "eta": 0}, "eta")],
