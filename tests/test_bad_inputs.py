@@ -1078,7 +1078,7 @@ def test_prepare_cleans_up_after_a_run_killed_half_way(ctx):
     (ctx.tmp / ".out.tmp-killed").mkdir()
     (ctx.tmp / ".out.tmp-killed" / "train_images.npy").write_bytes(b"half")
 
-    from simclr_core.data import _clean_leftovers
+    from simclr_core.data.writer import _clean_leftovers
 
     _clean_leftovers(ctx.out)
     assert PreparedDataset(ctx.out).manifest["splits"]["train"]["images"] > 0  # the old dataset is back

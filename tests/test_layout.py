@@ -16,11 +16,19 @@ PACKAGE = Path(simclr_core.__file__).resolve().parent
 METHOD = "simclr_core.method"
 MAX_FUNCTION_LINES = 60
 
+# The data package, bottom up: each module may import those before it, never one after it.
+DATA_MODULES = (
+    "simclr_core.data.images", "simclr_core.data.idx", "simclr_core.data.archive", "simclr_core.data.sources",
+    "simclr_core.data.prepared", "simclr_core.data.writer",
+)
+# What the reader may use of the data package: nothing of the writer's side (PIL, sources, archives).
+READER = "simclr_core.data.prepared"
+
 # Floors, bottom first: a module may import its own floor and the ones below, never one above.
 # A new module must be given a floor here.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("simclr_core", "simclr_core.config", "simclr_core.storage", METHOD, "simclr_core.features", "simclr_core.knn"),
-    ("simclr_core.manifest", "simclr_core.data", "simclr_core.checkpoint", "simclr_core.runlock",
+    ("simclr_core.manifest", "simclr_core.data", *DATA_MODULES, "simclr_core.checkpoint", "simclr_core.runlock",
      "simclr_core.monitoring", "simclr_core.launch"),
     ("simclr_core.pretrain", "simclr_core.evaluate", "simclr_core.report", "simclr_core.summary"),
     ("simclr_core.cli", "simclr_core.__main__"),
@@ -141,3 +149,27 @@ def test_no_function_is_longer_than_a_screen():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == [], f"split these into named steps of at most {MAX_FUNCTION_LINES} lines"
+
+
+def test_data_modules_import_only_those_below_them():
+    order = {name: index for index, name in enumerate(DATA_MODULES)}
+    upward = [
+        f"{name}:{line} imports {imported}"
+        for name, line, imported in _library_imports()
+        if name in order and imported in order and order[imported] >= order[name]
+    ]
+    assert upward == []
+    assert set(DATA_MODULES) == {name for name in MODULES if name.startswith("simclr_core.data.")}, "list the new module in DATA_MODULES"
+
+
+def test_the_reader_imports_nothing_of_the_writer_side():
+    found = [imported for _, imported in _imports(READER) if imported.startswith("simclr_core.data") or imported.split(".")[0] == "PIL"]
+    assert found == []
+
+
+def test_the_source_registry_and_the_config_agree():
+    """``prepare.source`` is validated in config (below the data package) against the registry's names."""
+    from simclr_core.config import SOURCES as NAMES
+    from simclr_core.data.sources import SOURCES
+
+    assert list(SOURCES) == list(NAMES)

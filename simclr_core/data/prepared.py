@@ -1,0 +1,122 @@
+"""The reader: :class:`PreparedDataset`, read access to a prepared dataset directory.
+
+A prepared dataset is a directory::
+
+    manifest.json             format_version, source, counts per split and class, class names,
+                              image shape, sha256 of every file, skipped files, simclr_core version
+    {split}_images.npy        uint8 (N, C, H, W), memory-mappable; split in train, val, test
+                              (STL-10's unlabelled images are in train, with label -1)
+    {split}_labels.npy        int64 (N,), -1 where unlabelled
+    subsets.json              {"0.01": [train indices], "0.1": [...]}: class-balanced label
+                              subsets, fixed by the seed (numpy PCG64: same on any machine)
+
+:class:`PreparedDataset` checks the format version and every file's sha256 when it opens one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simclr_core import __version__
+from simclr_core.config import ConfigError, shown
+from simclr_core.manifest import SourceError, check_array, check_labels, check_manifest, read_manifest, read_subsets
+from simclr_core.storage import sha256_file
+
+__all__ = ["FORMAT_VERSION", "PreparedDataset"]
+
+FORMAT_VERSION = 1  # of the prepared dataset layout; PreparedDataset refuses other versions
+
+
+class PreparedDataset:
+    """Read access to a prepared dataset directory (images memory-mapped).
+
+    Opening one checks it without reading the data (:mod:`simclr_core.manifest`): the
+    manifest's ``format_version`` must be :data:`FORMAT_VERSION` (a manifest without the field
+    predates it and has the same layout), the manifest must match its schema, and every
+    split's arrays must have the dtype and shape it gives. With ``verify``, every file the
+    manifest lists must also match its sha256. Failures are SourceErrors that name the file
+    and say to run ``simclr prepare`` again.
+    """
+
+    def __init__(self, root: str | Path, verify: bool = True) -> None:
+        self.root = Path(root)
+        manifest = read_manifest(self.root)
+        version = manifest.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise SourceError(
+                f"{self.root} is a prepared dataset of format version {shown(version, 20)}, but this simclr_core ({__version__}) "
+                f"reads version {FORMAT_VERSION}; run `simclr prepare` again to rewrite it"
+            )
+        check_manifest(self.root, manifest)
+        self.manifest = manifest
+        self.class_names: list[str] = manifest["class_names"]
+        self.image_shape: tuple[int, int, int] = tuple(manifest["image_shape"])
+        for split, counts in manifest["splits"].items():
+            check_array(self.root / f"{split}_images.npy", np.dtype(np.uint8), (counts["images"], *self.image_shape))
+            check_array(self.root / f"{split}_labels.npy", np.dtype(np.int64), (counts["images"],))
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Check that every file the manifest lists is there and matches its sha256."""
+        manifest_path = self.root / "manifest.json"
+        for name, expected in sorted(self.manifest["files"].items()):
+            path = self.root / name
+            if not path.is_file():
+                raise SourceError(
+                    f"{path} is listed in {manifest_path} but missing: the dataset is incomplete; run `simclr prepare` again"
+                )
+            actual = sha256_file(path)
+            if actual != expected:
+                raise SourceError(
+                    f"{path} does not match its sha256 in {manifest_path} (expected {str(expected)[:12]}..., found "
+                    f"{actual[:12]}...): it was changed or corrupted after prepare; run `simclr prepare` again"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def has_split(self, split: str) -> bool:
+        return split in self.manifest["splits"]
+
+    def _split_file(self, split: str, kind: str) -> Path:
+        if split not in self.manifest["splits"]:
+            remedy = _MISSING_SPLIT_REMEDY.get(split, "run `simclr prepare` with a source that has it")
+            raise SourceError(f"{self.root} has no '{split}' split; {remedy}")
+        return self.root / f"{split}_{kind}.npy"
+
+    def images(self, split: str) -> np.ndarray:
+        """uint8 (N, C, H, W), memory-mapped."""
+        return np.load(self._split_file(split, "images"), mmap_mode="r", allow_pickle=False)
+
+    def labels(self, split: str) -> np.ndarray:
+        """int64 (N,): a class index, or -1 for an unlabelled image."""
+        path = self._split_file(split, "labels")
+        labels = np.load(path, allow_pickle=False)
+        check_labels(path, labels, self.num_classes)
+        return labels
+
+    def subset(self, fraction: float) -> np.ndarray:
+        """Training indices of the class-balanced ``fraction`` label subset."""
+        subsets = read_subsets(self.root / "subsets.json", self.labels("train"))
+        key = next((k for k in subsets if abs(float(k) - fraction) < 1e-9), None)
+        if key is None:
+            raise ConfigError(f"label fraction {fraction} was not prepared; {self.root} has {sorted(subsets)}")
+        return subsets[key]
+
+    def tensor(self, split: str, index: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 (N, C, H, W) tensor of ``split`` (rows ``index`` if given)."""
+        images = self.images(split)
+        array = images[index] if index is not None else np.asarray(images)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+_MISSING_SPLIT_REMEDY = {
+    "test": "every evaluation scores the encoder on the test split: give the image folder a test/ folder "
+    "(class subfolders, as in train/) and run `simclr prepare` again",
+    "val": "run `simclr prepare` again with prepare.val_fraction > 0",
+}
