@@ -33,7 +33,7 @@ from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_te
 from simclr_core.method.models import SimCLRModel
 from simclr_core.method.optim import warmup_cosine
 from simclr_core.method.random_streams import RandomStream, seeded_generator
-from simclr_core.pretrain.model_setup import build_model
+from simclr_core.pretrain.model_setup import build_model, eval_uses_bf16
 from simclr_core.pretrain.observers import progress_bar
 
 __all__ = ["load_pretrained", "fit_logistic_regression", "linear_eval", "finetune", "transfer", "topk_accuracy"]
@@ -192,15 +192,16 @@ def _linear_protocol(
     train_images, train_y = _labelled(dataset, "train")
     val_images, val_y = _labelled(dataset, "val")
     test_images, test_y = _labelled(dataset, "test")
-    train_x = [extract(encoder, train_images, test_transform, device, batch_size)]
+    bf16 = eval_uses_bf16(device)
+    train_x = [extract(encoder, train_images, test_transform, device, batch_size, bf16)]
     labels = [train_y]
     crop_flip = BatchedAugment(AugmentConfig.crop_flip_only(image_size))
     for copy in range(augment_copies):
         generator = seeded_generator(seed, RandomStream.LINEAR_EVAL_COPY, copy)
-        train_x.append(extract(encoder, train_images, lambda x: crop_flip(x, generator), device, batch_size))
+        train_x.append(extract(encoder, train_images, lambda x: crop_flip(x, generator), device, batch_size, bf16))
         labels.append(train_y)
-    val_x = extract(encoder, val_images, test_transform, device, batch_size)
-    test_x = extract(encoder, test_images, test_transform, device, batch_size)
+    val_x = extract(encoder, val_images, test_transform, device, batch_size, bf16)
+    test_x = extract(encoder, test_images, test_transform, device, batch_size, bf16)
     classifier, l2, scores = _select_and_fit(torch.cat(train_x), torch.cat(labels), val_x, val_y, dataset.num_classes, l2_grid, max_iter)
     with torch.no_grad():
         logits = classifier(test_x)
@@ -255,7 +256,9 @@ def train_classifier(
 ) -> Classifier:
     """Fine-tune all of ``network`` with crop + flip, SGD (Nesterov, momentum 0.9) and a cosine schedule.
 
-    ``desc`` names the run on its progress bar (images/s and the time left, on stderr).
+    ``desc`` names the run on its progress bar (images/s and the time left, on stderr). The
+    forward pass runs under bf16 autocast where :func:`eval_uses_bf16` says so (on CUDA); the
+    weights, SGD and the cross-entropy stay float32.
     """
     n = len(labels)
     if n < 2:  # BatchNorm in training mode cannot normalise a batch of one
@@ -267,6 +270,7 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, 0))
     augment = BatchedAugment(AugmentConfig.crop_flip_only(image_size))
     labels = labels.to(device)
+    bf16 = eval_uses_bf16(device)
     network.train()
     bar = progress_bar(total_steps, 0, batch_size, desc=desc)
     for step in range(total_steps):
@@ -275,7 +279,9 @@ def train_classifier(
         index = order[position * batch_size : (position + 1) * batch_size].sort().values
         batch = torch.from_numpy(np.ascontiguousarray(images[index.numpy()])).to(device)
         views = augment(batch, seeded_generator(seed, RandomStream.CLASSIFIER_VIEWS, step)).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(network(views), labels[index.to(device)])
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = network(views)
+        loss = F.cross_entropy(logits.float(), labels[index.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -288,7 +294,7 @@ def train_classifier(
 @torch.no_grad()
 def score_classifier(network: nn.Module, images: np.ndarray, labels: torch.Tensor, image_size: int, device: torch.device) -> dict[str, float]:
     network.eval()
-    logits = extract(network, images, lambda x: batched_test_transform(x, image_size), device)
+    logits = extract(network, images, lambda x: batched_test_transform(x, image_size), device, bf16=eval_uses_bf16(device))
     return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
 
 

@@ -11,6 +11,7 @@ from simclr_core.features import extract
 from simclr_core.knn import knn_accuracy
 from simclr_core.method.augment import batched_test_transform
 from simclr_core.method.models import SimCLRModel
+from simclr_core.pretrain.model_setup import eval_uses_bf16
 
 __all__ = ["KnnProbe"]
 
@@ -61,7 +62,8 @@ class KnnProbe:
         was_training = model.training
         model.eval()
         test_transform = lambda x: batched_test_transform(x, image_size)  # noqa: E731
-        bank = extract(model.encoder, self.bank_images, test_transform, device)
-        queries = extract(model.encoder, self.query_images, test_transform, device)
+        bf16 = eval_uses_bf16(device)  # on CUDA: the epoch's kNN pass at the GPU's bf16 speed
+        bank = extract(model.encoder, self.bank_images, test_transform, device, bf16=bf16)
+        queries = extract(model.encoder, self.query_images, test_transform, device, bf16=bf16)
         model.train(was_training)
         return knn_accuracy(bank, self.bank_labels, queries, self.query_labels, self.num_classes, self.k, self.temperature)

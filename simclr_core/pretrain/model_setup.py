@@ -15,7 +15,9 @@ from simclr_core.method.models import SimCLRModel, uses_cifar_stem
 from simclr_core.method.optim import LARS, lars_param_groups, warmup_cosine_scheduler
 from simclr_core.pretrain.plan import Plan
 
-__all__ = ["model_config_for", "build_model", "training_model", "optimizer_for", "augment_config_for", "uses_bf16"]
+__all__ = [
+    "model_config_for", "build_model", "training_model", "optimizer_for", "augment_config_for", "uses_bf16", "eval_uses_bf16",
+]
 
 
 def model_config_for(config: PretrainConfig, image_size: int) -> dict[str, Any]:
@@ -79,6 +81,17 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda"
+
+
+def eval_uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether evaluation's forward passes (feature extraction, fine-tuning, the kNN probe) run
+    under bf16 autocast on ``device``: where :func:`uses_bf16` would pretrain in bf16, on CUDA only.
+
+    On a CPU evaluation stays float32 whatever ``precision`` says: its figures are compared across
+    runs, and bf16 gains little there (the NaNs of :func:`uses_bf16`'s note aside). The evaluation
+    stages have no precision setting of their own, so they pass the default, "auto".
+    """
+    return device.type == "cuda" and uses_bf16(precision, device)
 
 
 def _cpu_has_native_bf16() -> bool:
