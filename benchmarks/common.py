@@ -62,8 +62,8 @@ def machine() -> str:
     )
 
 
-def write_results(section: str, rows: list[tuple[str, str, str]], command: str, notes: str = "") -> None:
-    """Replace ``section`` of RESULTS.md with a table of ``rows``, keeping the other sections."""
+def write_results(section: str, rows: list[tuple[str, str, str]], command: str, notes: str = "", results: Path = RESULTS) -> None:
+    """Replace ``section`` of ``results`` (RESULTS.md) with a table of ``rows``, keeping the other sections."""
     header = (
         f"## {section}\n\n"
         f"- date: {datetime.date.today().isoformat()}\n"
@@ -73,14 +73,14 @@ def write_results(section: str, rows: list[tuple[str, str, str]], command: str, 
         + "| measurement | value | note |\n|---|---|---|\n"
     )
     body = "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
-    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names.\n\n"
+    existing = results.read_text() if results.exists() else "# Benchmark results\n\nEach section is written by the script it names.\n\n"
     start = existing.find(f"## {section}\n")
     if start >= 0:
         end = existing.find("\n## ", start + 1)
         existing = existing[:start] + existing[end + 1 :] if end >= 0 else existing[:start]
-    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp = results.with_suffix(".md.tmp")
     tmp.write_text(existing.rstrip("\n") + "\n\n" + header + body + "\n")
-    tmp.replace(RESULTS)
+    tmp.replace(results)
 
 
 def reset_peak_rss_kib() -> int:
