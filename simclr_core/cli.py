@@ -1,6 +1,7 @@
 """The ``simclr`` command: the one entry point that DVC, KFP and the container image call.
 
-Stages: ``prepare``, ``pretrain``, ``linear-eval``, ``finetune``, ``transfer`` (and ``report``, ``env``).
+Stages: ``prepare``, ``pretrain``, ``linear-eval``, ``finetune``, ``transfer`` (and ``report``, ``summary``,
+``verify``, ``env``).
 Each reads its settings from the section of the same name in params.yaml (``--params``),
 overridden by command-line options of the same names (``--batch-size`` for
 ``pretrain.batch_size``). Exit codes: 0 success, 2 bad usage or bad input (the message names
@@ -51,6 +52,22 @@ def _check_out(out: str) -> None:
             if not parent.is_dir():
                 raise UsageError(f"--out {out} cannot be created: {parent} is a file, not a directory")
             return
+
+
+@contextlib.contextmanager
+def _staged_data(uri: str):
+    """``staged_input`` for a prepared dataset. A download (gs://, s3://) is a copy: every sha256 is
+    checked once, here; a local directory is opened by the stage itself, in O(1), without hashing."""
+    from simclr_core.data import DatasetCorrupt, PreparedDataset
+    from simclr_core.storage import is_remote, staged_input
+
+    with staged_input(uri) as data:
+        if is_remote(uri):
+            try:
+                PreparedDataset(data, verify=True)
+            except DatasetCorrupt as error:
+                raise DatasetCorrupt(f"the download of {uri} is corrupt: {error}") from None
+        yield data
 
 
 # ------------------------------------------------------------------------------ commands
@@ -111,14 +128,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from simclr_core.config import PretrainConfig, config_from_args
     from simclr_core.launch import destroy_distributed, init_distributed, read_launch_env
     from simclr_core.data import PreparedDataset
-    from simclr_core.storage import staged_input
     from simclr_core.pretrain import check_world_size, pretrain
 
     config = config_from_args(PretrainConfig, "pretrain", args)
     launch = read_launch_env()
-    with staged_input(args.data) as data:
+    with _staged_data(args.data) as data:
         # before any rendezvous: a launch that cannot work fails here instead of hanging there
-        check_world_size(config, launch.world_size, len(PreparedDataset(data, verify=False).images("train")))
+        check_world_size(config, launch.world_size, len(PreparedDataset(data).images("train")))
         env = init_distributed(device=None if args.device == "auto" else args.device, timeout_s=config.collective_timeout_s)
         if not env.is_main:
             logging.getLogger().setLevel(logging.WARNING)
@@ -132,10 +148,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_linear_eval(args: argparse.Namespace) -> int:
     from simclr_core.config import LinearEvalConfig, config_from_args
     from simclr_core.evaluate import linear_eval
-    from simclr_core.storage import staged_input, staged_output, write_json
+    from simclr_core.storage import staged_output, write_json
 
     config = config_from_args(LinearEvalConfig, "linear_eval", args)
-    with staged_input(args.data) as data:
+    with _staged_data(args.data) as data:
         results = linear_eval(args.model, data, config, _device(args))
     pretrained, baseline = results["pretrained"], results["random_init"]
     metrics = {
@@ -168,10 +184,10 @@ def _fraction_key(fraction: str) -> str:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from simclr_core.config import FinetuneConfig, config_from_args
     from simclr_core.evaluate import finetune
-    from simclr_core.storage import staged_input, staged_output, write_json
+    from simclr_core.storage import staged_output, write_json
 
     config = config_from_args(FinetuneConfig, "finetune", args)
-    with staged_input(args.data) as data:
+    with _staged_data(args.data) as data:
         results = finetune(args.model, data, config, _device(args), log=log.info)
     metrics = {}
     for fraction, pair in results.items():
@@ -193,10 +209,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from simclr_core.config import TransferConfig, config_from_args
     from simclr_core.evaluate import transfer
-    from simclr_core.storage import staged_input, staged_output, write_json
+    from simclr_core.storage import staged_output, write_json
 
     config = config_from_args(TransferConfig, "transfer", args)
-    with staged_input(args.data) as data:
+    with _staged_data(args.data) as data:
         results = transfer(args.model, data, config, _device(args), log=log.info)
     metrics = {
         f"{name}_{key}": value for name, values in results.items() for key, value in values.items() if key in ("top1", "top5", "l2")
@@ -212,12 +228,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from simclr_core.report import pretrain_report
     from simclr_core.storage import staged_input, staged_output, write_json
 
-    with staged_input(args.run) as run, staged_input(args.data) as data, staged_output(args.out) as out:
+    with staged_input(args.run) as run, _staged_data(args.data) as data, staged_output(args.out) as out:
         summary = pretrain_report(run, data, out / "report.html", _device(args))
         write_json(out / "metrics.json", summary)
     precision = summary["neighbour_precision"]
     shared = f"{100 * precision:.1f}%" if precision is not None else "n/a (fewer than 2 test images)"
     log.info("report: %s (%s of nearest neighbours share the query's class)", out / "report.html", shared)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Check every sha256 of a prepared dataset: exit 0 when all match, 1 naming the first file that is
+    missing or differs, 2 when the directory is not a prepared dataset (a SourceError from opening it)."""
+    import time
+
+    from simclr_core.data import DatasetCorrupt, PreparedDataset
+    from simclr_core.storage import staged_input
+
+    with staged_input(args.dir) as data:
+        dataset = PreparedDataset(data)
+        start = time.monotonic()
+        try:
+            hashed = dataset.verify()
+        except DatasetCorrupt as error:
+            print(f"simclr verify: failed: {error}", file=sys.stderr)
+            return EXIT_FAILURE
+    log.info("verified %s: %d file(s), %.1f MiB, every sha256 matches (%.1f s)",
+             args.dir, len(dataset.manifest["files"]), hashed / 2**20, time.monotonic() - start)
     return EXIT_OK
 
 
@@ -287,7 +324,7 @@ def _add_stages(commands) -> None:
 
 
 def _add_tools(commands) -> None:
-    """report, summary, env: the commands around the stages."""
+    """report, summary, verify, env: the commands around the stages."""
     sub = commands.add_parser(
         "report", help="an HTML report of a pretraining run: curves and nearest neighbours",
         description="Write report.html (per-epoch curves, nearest-neighbour pictures of the test split) and metrics.json.",
@@ -304,6 +341,14 @@ def _add_tools(commands) -> None:
     )
     sub.add_argument("--runs", default="runs", help="the directory holding the stages' outputs (default: runs)")
     sub.set_defaults(handler=_cmd_summary)
+
+    sub = commands.add_parser(
+        "verify", help="check every sha256 of a prepared dataset (opening one checks only its structure)",
+        description="Hash every file the manifest of DIR lists and compare it with its sha256. Exit 0 when all match, "
+        "1 naming the first file that is missing or differs, 2 when DIR is not a prepared dataset.",
+    )
+    sub.add_argument("dir", metavar="DIR", help="prepared dataset directory (a local path, gs:// or s3://)")
+    sub.set_defaults(handler=_cmd_verify)
 
     env = commands.add_parser(
         "env",

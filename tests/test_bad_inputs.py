@@ -456,7 +456,7 @@ def _prepare_good_then(make_bad: Callable[[Ctx, Path], list]) -> Callable[[Ctx],
 
 
 def _old_dataset_intact(ctx: Ctx) -> None:
-    dataset = PreparedDataset(ctx.out)  # verifies every sha256
+    dataset = PreparedDataset(ctx.out, verify=True)  # every sha256
     assert dataset.manifest["files"] == ctx.shared["before"]
 
 
@@ -840,7 +840,10 @@ ROWS = [
     BadInput("out-is-someone-elses-folder", _out_not_a_dataset, USAGE, "is a non-empty directory that is not a prepared dataset", _out_kept, outputs_absent=False),
     BadInput("failed-rerun-keeps-old-dataset", _prepare_good_then(_rerun_bad_source), USAGE, "class2 holds no readable images", _old_dataset_intact, outputs_absent=False),
     # -- a prepared dataset that is not what prepare wrote
-    BadInput("manifest-sha256-mismatch", _pretrain_on(_tampered), USAGE, "train_images.npy does not match its sha256"),
+    # opening a dataset is O(1) (headers and sizes): a byte changed in place is for `simclr verify` to find
+    BadInput("manifest-sha256-mismatch", lambda ctx: ["verify", _tampered(ctx)], FAILURE, "train_images.npy does not match its sha256"),
+    BadInput("verify-file-missing", lambda ctx: ["verify", _file_missing(ctx)], USAGE, "test_labels.npy is listed in the manifest but missing"),
+    BadInput("verify-not-a-dataset", lambda ctx: ["verify", ctx.folder()], USAGE, "is not a prepared dataset (no manifest.json)"),
     BadInput("manifest-file-missing", _eval_row("linear-eval", None, _file_missing), USAGE, "test_labels.npy is listed in"),
     BadInput("dataset-of-another-version", _eval_row("finetune", None, _manifest_edit(lambda m: m.update(format_version=99))), USAGE,
              "format version 99, but this simclr_core"),

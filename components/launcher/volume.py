@@ -72,8 +72,22 @@ def stage_on_volume(dataset_dir: str, pvc_name: str, mount_path: str, job_name: 
         return stage
     log(f"pretrain: copying the dataset to {data_dir}")
     copy_tree(dataset_dir, data_dir + ".partial")
+    _verify_copy(data_dir + ".partial", log)
     os.replace(data_dir + ".partial", data_dir)
     return stage
+
+
+def _verify_copy(copy: str, log: Log) -> None:
+    """Check every sha256 of the copied dataset, once: the job's pods open it without hashing.
+    A corrupt copy is removed (a retried step copies again) and fails the step, naming the file."""
+    from simclr_core.data import PreparedDataset, SourceError
+
+    try:
+        hashed = PreparedDataset(copy).verify()
+    except SourceError as error:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise LaunchError(f"the copy of the dataset on the volume is not what prepare wrote: {error}", reason="DatasetCorrupt") from None
+    log(f"pretrain: verified the copy ({hashed / 2**20:.1f} MiB, every sha256 matches)")
 
 
 def collect_from_volume(stage: str, model_dir: str, keep: bool = False, log: Log = print) -> None:

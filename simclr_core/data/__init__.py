@@ -16,12 +16,12 @@ The writer module is not called ``prepare``: the package exports the function :f
 which would hide a submodule of the same name.
 """
 
-from simclr_core.data.prepared import FORMAT_VERSION, PreparedDataset
+from simclr_core.data.prepared import FORMAT_VERSION, DatasetCorrupt, PreparedDataset
 from simclr_core.data.sources import DEBIAN_FASHION_MNIST, SOURCES, RawSplits, load_source
 from simclr_core.data.writer import class_balanced_subset, prepare
 from simclr_core.manifest import SourceError
 
 __all__ = [
     "RawSplits", "prepare", "PreparedDataset", "load_source", "class_balanced_subset", "DEBIAN_FASHION_MNIST",
-    "FORMAT_VERSION", "SOURCES", "SourceError",
+    "FORMAT_VERSION", "SOURCES", "SourceError", "DatasetCorrupt",
 ]

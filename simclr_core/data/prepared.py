@@ -10,7 +10,24 @@ A prepared dataset is a directory::
     subsets.json              {"0.01": [train indices], "0.1": [...]}: class-balanced label
                               subsets, fixed by the seed (numpy PCG64: same on any machine)
 
-:class:`PreparedDataset` checks the format version and every file's sha256 when it opens one.
+Opening one is O(1): :class:`PreparedDataset` checks the format version, the manifest's
+schema, and each array's header (dtype, shape) and file size (:mod:`simclr_core.manifest`),
+reading a few kilobytes whatever the dataset's size; it does not hash the data. Every rank of
+every stage opens the dataset, and at ImageNet scale (193 GB at 224 px) hashing it would take
+minutes per open. A truncated or padded array, a missing file, a wrong dtype or shape, or an
+edited manifest is still refused at open, with a message naming the file.
+
+The sha256 sums in the manifest are checked where integrity matters, in full
+(:meth:`PreparedDataset.verify`, a :class:`DatasetCorrupt` naming the first file that differs):
+
+- ``simclr verify DIR``, explicitly (exit 0 when every sum matches, 1 naming the first
+  corrupt file, 2 when DIR is not a prepared dataset);
+- where a dataset is copied: a stage whose ``--data`` is a gs:// or s3:// URI verifies the
+  download once, and the pipeline's pretrain step verifies its copy on the PVC;
+- by callers that ask for it: ``PreparedDataset(root, verify=True)``.
+
+``prepare`` writes the sums (hashing the files it has just written) and does not verify them
+again; a byte flipped in place, without changing a file's size, is found by ``simclr verify``.
 """
 
 from __future__ import annotations
@@ -25,9 +42,13 @@ from simclr_core.config import ConfigError, shown
 from simclr_core.manifest import SourceError, check_array, check_labels, check_manifest, read_manifest, read_subsets
 from simclr_core.storage import sha256_file
 
-__all__ = ["FORMAT_VERSION", "PreparedDataset"]
+__all__ = ["FORMAT_VERSION", "DatasetCorrupt", "PreparedDataset"]
 
 FORMAT_VERSION = 1  # of the prepared dataset layout; PreparedDataset refuses other versions
+
+
+class DatasetCorrupt(SourceError):
+    """A file of a prepared dataset is missing or does not match its sha256; the message names it."""
 
 
 class PreparedDataset:
@@ -36,12 +57,13 @@ class PreparedDataset:
     Opening one checks it without reading the data (:mod:`simclr_core.manifest`): the
     manifest's ``format_version`` must be :data:`FORMAT_VERSION` (a manifest without the field
     predates it and has the same layout), the manifest must match its schema, and every
-    split's arrays must have the dtype and shape it gives. With ``verify``, every file the
-    manifest lists must also match its sha256. Failures are SourceErrors that name the file
+    split's arrays must have the dtype and shape it gives, and the file size that implies. The
+    data is not read or hashed (opening is O(1)); with ``verify``, every file the manifest lists
+    must also match its sha256 (:meth:`verify`, reading everything). Failures are SourceErrors that name the file
     and say to run ``simclr prepare`` again.
     """
 
-    def __init__(self, root: str | Path, verify: bool = True) -> None:
+    def __init__(self, root: str | Path, verify: bool = False) -> None:
         self.root = Path(root)
         manifest = read_manifest(self.root)
         version = manifest.get("format_version", FORMAT_VERSION)
@@ -60,21 +82,26 @@ class PreparedDataset:
         if verify:
             self.verify()
 
-    def verify(self) -> None:
-        """Check that every file the manifest lists is there and matches its sha256."""
-        manifest_path = self.root / "manifest.json"
+    def verify(self) -> int:
+        """Check that every file the manifest lists is there and matches its sha256; the bytes hashed.
+
+        A :class:`DatasetCorrupt` (a SourceError) naming the first file, in name order, that is
+        missing or differs."""
+        manifest_path, hashed = self.root / "manifest.json", 0
         for name, expected in sorted(self.manifest["files"].items()):
             path = self.root / name
             if not path.is_file():
-                raise SourceError(
+                raise DatasetCorrupt(
                     f"{path} is listed in {manifest_path} but missing: the dataset is incomplete; run `simclr prepare` again"
                 )
             actual = sha256_file(path)
             if actual != expected:
-                raise SourceError(
+                raise DatasetCorrupt(
                     f"{path} does not match its sha256 in {manifest_path} (expected {str(expected)[:12]}..., found "
                     f"{actual[:12]}...): it was changed or corrupted after prepare; run `simclr prepare` again"
                 )
+            hashed += path.stat().st_size
+        return hashed
 
     @property
     def num_classes(self) -> int:
