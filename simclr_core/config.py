@@ -86,6 +86,7 @@ class PrepareConfig:
     # would take more (N x C x H x W bytes, all splits) is refused before they are read or stacked.
     max_image_pixels: int = 50_000_000  # above any camera's photo, below PIL's own 89 MP warning
     max_dataset_mib: int = 4096  # 4 GiB; STL-10 with its unlabelled images is 2.9 GB
+    workers: int = 0  # image-folder decoding processes (0 = the CPUs this process may use)
 
     def __post_init__(self) -> None:
         _check_magnitudes(self, "prepare")
@@ -100,6 +101,7 @@ class PrepareConfig:
             f"at most {math.isqrt(self.max_image_pixels)} (its square within prepare.max_image_pixels)", self.image_size,
         )
         _check(self.seed >= 0, "prepare.seed", ">= 0", self.seed)
+        _check(0 <= self.workers <= 1024, "prepare.workers", "in [0, 1024] (0 = the CPUs available)", self.workers)
         for fraction in self.label_fractions:
             _check(0 < fraction <= 1, "prepare.label_fractions", "a list of values in (0, 1]", self.label_fractions)
 
@@ -164,6 +166,9 @@ class PretrainConfig:
     knn_temperature: float = _runtime(0.1)
     knn_bank_size: int = _runtime(10000)  # labelled training images in the kNN memory bank (0 = all)
     num_threads: int = _runtime(0)  # torch CPU threads per process (0 = torch's default)
+    # node-local copy of the dataset: each pod copies --data here once (verified, resumable)
+    # and trains from the copy; "" = read --data where it is (a PVC fast enough, or local)
+    stage_dir: str = _runtime("")
     data_threads: int = _runtime(1)  # torch CPU threads of the background thread that makes the views
     precision: str = _runtime("auto")  # "auto" (bf16 where the device computes it natively), "bf16" or "fp32"
     keep_checkpoints: int = _runtime(3)  # the last K checkpoints kept (the best by kNN accuracy is kept too)
