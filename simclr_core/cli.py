@@ -70,6 +70,21 @@ def _staged_data(uri: str):
         yield data
 
 
+@contextlib.contextmanager
+def _pretrain_data(uri: str, stage_dir: str):
+    """``--data`` as pretraining reads it: with ``pretrain.stage_dir``, a node-local copy made once per
+    pod and verified (simclr_core/staging.py); without, :func:`_staged_data`."""
+    if not stage_dir:
+        with _staged_data(uri) as data:
+            yield data
+        return
+    from simclr_core.staging import stage_dataset
+
+    staged = stage_dataset(uri, stage_dir)
+    log.info("pretrain: training reads the staged copy %s of %s", staged, uri)
+    yield staged
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -132,7 +147,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = config_from_args(PretrainConfig, "pretrain", args)
     launch = read_launch_env()
-    with _staged_data(args.data) as data:
+    with _pretrain_data(args.data, config.stage_dir) as data:
         # before any rendezvous: a launch that cannot work fails here instead of hanging there
         check_world_size(config, launch.world_size, len(PreparedDataset(data).images("train")))
         env = init_distributed(device=None if args.device == "auto" else args.device, timeout_s=config.collective_timeout_s)

@@ -29,7 +29,7 @@ READER = "simclr_core.data.prepared"
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("simclr_core", "simclr_core.config", "simclr_core.storage", METHOD, "simclr_core.features", "simclr_core.knn"),
     ("simclr_core.manifest", "simclr_core.data", *DATA_MODULES, "simclr_core.checkpoint", "simclr_core.runlock",
-     "simclr_core.monitoring", "simclr_core.launch"),
+     "simclr_core.monitoring", "simclr_core.launch", "simclr_core.staging"),
     ("simclr_core.pretrain", "simclr_core.evaluate", "simclr_core.report", "simclr_core.summary"),
     ("simclr_core.cli", "simclr_core.__main__"),
 )
