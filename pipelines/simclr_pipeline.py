@@ -98,6 +98,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     _p("trainer_priority_class", str, "", "PriorityClass of the PyTorchJob's pods (a TrainJob takes it from its runtime)"),
     _p("trainer_image_pull_secrets", list, [], "Secrets the trainer pods pull the image with"),
     _p("trainer_max_restarts", int, 3, "times torchrun restarts every pod's processes after one failed, resuming from the checkpoint"),
+    _p("trainer_stage_size", str, "", "node-local staging: an emptyDir of this size (e.g. 50Gi) at /stage in each trainer pod, which copies the dataset there once and trains from it ('' = read the PVC)"),
     _p("trainjob_runtime", str, "torch-distributed", "the Trainer v2 runtime a TrainJob uses"),
     _p("trainjob_runtime_kind", str, "ClusterTrainingRuntime", "ClusterTrainingRuntime or TrainingRuntime (in the namespace)"),
     _p("prepare_cpu_request", str, "1", "CPU request of the prepare steps", compute=True),
@@ -230,6 +231,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, mount_pvc: bool = True, s3_endpoi
             trainer_shm_size=run["trainer_shm_size"], trainer_service_account=run["trainer_service_account"],
             queue_name=run["trainer_queue_name"], priority_class=run["trainer_priority_class"],
             image_pull_secrets=run["trainer_image_pull_secrets"], max_restarts=run["trainer_max_restarts"],
+            stage_size=run["trainer_stage_size"],
             runtime_name=run["trainjob_runtime"], runtime_kind=run["trainjob_runtime_kind"],
             node_selector=run["trainer_node_selector"], tolerations=run["trainer_tolerations"], settings=run["pretrain_settings"],
         ).set_display_name("pretrain").set_retry(2)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jsonschema
 import kmock
+import kubernetes_validate
 import pytest
 import yaml
 from kubernetes import client
@@ -232,6 +233,60 @@ def test_pytorchjob_carries_queue_priority_and_pull_secrets(pytorchjob_validator
     for replica in obj["spec"]["pytorchReplicaSpecs"].values():
         pod = replica["template"]["spec"]
         assert pod["priorityClassName"] == "high" and pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+
+
+def _stage_volume(pod_spec: dict, container: dict) -> dict | None:
+    """The volume mounted at the path the trainer command passes as --stage-dir, or None."""
+    command = container.get("command", [])
+    if "--stage-dir" not in command:
+        return None
+    path = command[command.index("--stage-dir") + 1]
+    (name,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == path]
+    (volume,) = [v for v in pod_spec["volumes"] if v["name"] == name]
+    return volume
+
+
+def test_staging_gives_every_pytorchjob_pod_an_emptydir_at_its_stage_dir(pytorchjob_validator):
+    obj = build_pytorchjob(_job(num_nodes=3, stage_size="50Gi"), NAMESPACE)
+    assert _errors(pytorchjob_validator, obj) == []
+    for replica in obj["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert _stage_volume(pod, container) == {"name": "stage", "emptyDir": {"sizeLimit": "50Gi"}}
+        command = container["command"]
+        assert command[command.index("--stage-dir") + 1] == "/stage"
+        assert command.index("--stage-dir") < command.index(ARGS[0])  # the job's own --stage-dir would win
+        kubernetes_validate.validate(_as_pod(obj, replica), "1.32.0", strict=True)
+    off = build_pytorchjob(_job(), NAMESPACE)
+    for replica in off["spec"]["pytorchReplicaSpecs"].values():
+        (container,) = replica["template"]["spec"]["containers"]
+        assert "--stage-dir" not in container["command"] and "stage" not in {v["name"] for v in replica["template"]["spec"]["volumes"]}
+
+
+def _as_pod(obj: dict, replica: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": NAMESPACE},
+            "spec": {**replica["template"]["spec"], "restartPolicy": replica["restartPolicy"]}}
+
+
+def test_staging_gives_the_trainjob_pods_an_emptydir_at_their_stage_dir(trainjob_validator):
+    obj = build_trainjob(_job(stage_size="200Gi", stage_mount_path="/local-ssd/stage"), NAMESPACE)
+    assert _errors(trainjob_validator, obj) == []
+    pod = _patched_pod(obj)
+    (container,) = pod["spec"]["containers"]
+    volume = _stage_volume(pod["spec"], {**container, "command": obj["spec"]["trainer"]["command"]})
+    assert volume == {"name": "stage", "emptyDir": {"sizeLimit": "200Gi"}}
+
+
+@pytest.mark.parametrize("size,path,problem", [
+    ("50 Gi", "/stage", "stage_size must be a Kubernetes quantity"),
+    ("-1Gi", "/stage", "stage_size must be a Kubernetes quantity"),
+    ("50Gi", "stage", "stage_mount_path must be an absolute path"),
+    ("50Gi", "/tmp", "stage_mount_path must be an absolute path of its own"),
+    ("50Gi", "/mnt/simclr/", "stage_mount_path must be an absolute path of its own"),
+])
+def test_bad_staging_settings_are_refused(size, path, problem):
+    with pytest.raises(ValueError, match=problem):
+        _job(stage_size=size, stage_mount_path=path)
 
 
 def test_gpus_set_the_processes_per_pod():
@@ -788,4 +843,33 @@ def test_the_launchers_trainer_command_runs_as_its_pod_would(tiny_prepared, tmp_
                             [*TINY_PRETRAIN, "--epochs", "1", "--metrics-port", str(free_port())])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
+    assert load_checkpoint(volume / "run" / "model.pt")["step"] == 3
+
+
+def test_a_staging_pod_copies_the_dataset_once_and_trains_from_the_copy(tiny_prepared, tmp_path):
+    """The launcher's container with staging on, run as a pod: its two processes stage the dataset
+    from the PVC (a local directory) into the emptyDir (another), one copying while the other waits."""
+    import filecmp
+    import shutil
+
+    from simclr_core.checkpoint import load_checkpoint
+    from simclr_core.staging import staged_name
+    from tests.multiproc import free_port
+    from tests.pods import run_like_a_pod
+
+    volume, tmp, stage = tmp_path / "volume", tmp_path / "tmp", tmp_path / "stage"
+    shutil.copytree(tiny_prepared, volume / "data")
+    tmp.mkdir()
+    stage.mkdir()
+    job = _job(simclr_args=["--data", "/mnt/simclr/data", "--out", "/mnt/simclr/run"], procs_per_node=2, gpus_per_node=0, stage_size="1Gi")
+    obj = build_pytorchjob(job, NAMESPACE)
+    (container,) = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    result = run_like_a_pod(container, 2, {"/mnt/simclr": volume, "/tmp": tmp, "/stage": stage},
+                            [*TINY_PRETRAIN, "--epochs", "1", "--metrics-port", str(free_port())])
+    assert result.returncode == 0, result.stderr[-3000:]
+    staged = stage / staged_name((tiny_prepared / "manifest.json").read_bytes())
+    assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in tiny_prepared.iterdir())
+    assert all(filecmp.cmp(tiny_prepared / p.name, p, shallow=False) for p in staged.iterdir())
+    assert result.stderr.count("staging: copying") == 1  # one process copied; the other found the copy
+    assert result.stderr.count(f"training reads the staged copy {staged}") == 2
     assert load_checkpoint(volume / "run" / "model.pt")["step"] == 3

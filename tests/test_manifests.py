@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -412,12 +413,29 @@ def test_pytorchjob_is_a_two_node_torchrun_of_simclr_pretrain():
     assert command == trainer_command(launcher_job) and "args" not in container
     assert _option(command, "--metrics-port") == str(METRICS_PORT)  # the port the PodMonitor scrapes
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts == {"/mnt/simclr": "data", "/dev/shm": "dshm", "/tmp": "tmp"}
+    assert mounts == {"/mnt/simclr": "data", "/dev/shm": "dshm", "/tmp": "tmp", "/stage": "stage"}
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes["tmp"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["HOME"].startswith("/tmp")  # writable with a read-only root filesystem
+
+
+def test_the_manifests_stage_volume_is_where_the_commented_flag_and_the_launcher_stage():
+    """Both trainer pods have the `stage` emptyDir (sized, on the node's disk) at the path the
+    commented-out `--stage-dir` names and the launcher mounts its own staging volume at."""
+    from components.launcher.podspec import STAGE_VOLUME
+
+    launcher_path = PretrainJob(name="x", image=IMAGE, simclr_args=[]).stage_mount_path
+    pods = {"pytorchjob.yaml": _pod_specs(_one("PyTorchJob"))["Master"], "trainjob.yaml": _trainjob_pod(_trainjob())}
+    for file_name, pod in pods.items():
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts[STAGE_VOLUME] == launcher_path, file_name
+        assert set(volumes[STAGE_VOLUME]["emptyDir"]) == {"sizeLimit"}, file_name  # not medium Memory: the node's disk
+        text = (MANIFESTS / file_name).read_text()
+        assert re.search(rf"# - --stage-dir\n\s*# - {re.escape(launcher_path)}\n", text), file_name
 
 
 def test_the_pytorchjobs_trainer_command_runs_as_its_pod_would(tiny_prepared, tmp_path):

@@ -36,6 +36,8 @@ Log = Callable[[str], None]
 # DNS-1035 label of at most 63 characters, so the job's own name must leave room for that.
 MAX_JOB_NAME_LENGTH = 48
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# A Kubernetes resource quantity as people write a volume's size (no exponent forms).
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 
 
 class LaunchError(Exception):
@@ -86,6 +88,11 @@ class PretrainJob:
         priority_class: the pods' PriorityClass ("" for the cluster's default).
         image_pull_secrets: names of Secrets to pull ``image`` with.
         runtime_name, runtime_kind: the Trainer v2 runtime a TrainJob references.
+        stage_size: node-local staging (``simclr pretrain --stage-dir``): the ``sizeLimit`` of an
+            emptyDir mounted at ``stage_mount_path`` in every trainer pod, into which each pod
+            copies the dataset once and trains from the copy ("" = off: read ``--data`` in place).
+            Size it above the prepared dataset: the kubelet evicts a pod whose emptyDir outgrows it.
+        stage_mount_path: where the staging emptyDir is mounted (``--stage-dir``).
     """
 
     name: str
@@ -115,6 +122,8 @@ class PretrainJob:
     image_pull_secrets: list[str] = dataclasses.field(default_factory=list)
     runtime_name: str = "torch-distributed"
     runtime_kind: str = "ClusterTrainingRuntime"
+    stage_size: str = ""
+    stage_mount_path: str = "/stage"
 
     def __post_init__(self) -> None:
         if not _DNS1035.match(self.name) or len(self.name) > MAX_JOB_NAME_LENGTH:
@@ -143,8 +152,17 @@ class PretrainJob:
         if self.runtime_kind not in ("ClusterTrainingRuntime", "TrainingRuntime"):
             raise ValueError(f"runtime_kind must be ClusterTrainingRuntime or TrainingRuntime, got {self.runtime_kind!r}")
         self.image_pull_secrets = [str(name) for name in self.image_pull_secrets]
+        self._check_staging()
         if not self.shm_size:
             self.shm_size = f"{2 * max(1, self.gpus_per_node)}Gi"
+
+    def _check_staging(self) -> None:
+        if self.stage_size and not _QUANTITY.match(self.stage_size):
+            raise ValueError(f"stage_size must be a Kubernetes quantity such as 50Gi (or '' for no staging), got {self.stage_size!r}")
+        if not self.stage_mount_path.startswith("/") or self.stage_mount_path.rstrip("/") in ("", "/tmp", "/dev/shm", self.pvc_mount_path.rstrip("/")):
+            raise ValueError(
+                f"stage_mount_path must be an absolute path of its own (not /, /tmp, /dev/shm or the PVC's), got {self.stage_mount_path!r}"
+            )
 
     @property
     def processes_per_node(self) -> int:

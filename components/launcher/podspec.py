@@ -4,7 +4,8 @@ The PyTorchJob (Training Operator v1) and the TrainJob (Kubeflow Trainer v2) pla
 pieces in different fields of their objects, but the pod they describe is the same: the
 image's ``simclr`` under ``torchrun``, as the image's non-root user with a read-only root
 filesystem, a ``/tmp`` emptyDir, an in-memory ``/dev/shm``, the PVC, one metrics port per
-local rank.
+local rank, and with ``stage_size`` an emptyDir that ``simclr pretrain --stage-dir`` copies the
+dataset into (once per pod, verified: simclr_core/staging.py).
 
 **Restarts.** ``torchrun --max-restarts R`` with a c10d rendezvous on the operator's master
 address (``$(PET_MASTER_ADDR):$(PET_MASTER_PORT)``, which the kubelet expands from the env
@@ -43,15 +44,18 @@ SCRAPED_LOCAL_RANKS = 8
 POD_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/matplotlib", "PYTHONUNBUFFERED": "1"}
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PVC_VOLUME = "simclr-data"
+STAGE_VOLUME = "stage"
 
 
 def trainer_command(job: PretrainJob) -> list[str]:
-    """``torchrun ... simclr pretrain --metrics-port 9090 ARGS`` (a ``--metrics-port`` in
-    ``job.simclr_args`` wins: the CLI takes an option's last value)."""
+    """``torchrun ... simclr pretrain --metrics-port 9090 [--stage-dir /stage] ARGS`` (an option in
+    ``job.simclr_args`` wins: the CLI takes an option's last value). ``--stage-dir`` comes with
+    ``job.stage_size``: the staging emptyDir's mount path."""
+    staging = ["--stage-dir", job.stage_mount_path] if job.stage_size else []
     return [
         "torchrun", "--no-python", "--max-restarts", str(job.max_restarts),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "$(PET_MASTER_ADDR):$(PET_MASTER_PORT)", "--rdzv-id", job.name,
-        "simclr", "pretrain", "--metrics-port", str(METRICS_PORT), *job.simclr_args,
+        "simclr", "pretrain", "--metrics-port", str(METRICS_PORT), *staging, *job.simclr_args,
     ]
 
 
@@ -75,6 +79,8 @@ def volumes(job: PretrainJob) -> list[dict]:
     ]
     if job.pvc_name:
         found.append({"name": PVC_VOLUME, "persistentVolumeClaim": {"claimName": job.pvc_name}})
+    if job.stage_size:  # node-local copy of the dataset (the node's disk, or its local SSD where the node pool has one)
+        found.append({"name": STAGE_VOLUME, "emptyDir": {"sizeLimit": job.stage_size}})
     return found
 
 
@@ -82,6 +88,8 @@ def volume_mounts(job: PretrainJob) -> list[dict]:
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
     if job.pvc_name:
         mounts.append({"name": PVC_VOLUME, "mountPath": job.pvc_mount_path})
+    if job.stage_size:
+        mounts.append({"name": STAGE_VOLUME, "mountPath": job.stage_mount_path})
     return mounts
 
 

@@ -37,6 +37,7 @@ def pretrain(
     runtime_name: str = "torch-distributed",
     runtime_kind: str = "ClusterTrainingRuntime",
     max_restarts: int = 3,
+    stage_size: str = "",
     node_selector: dict = {},
     tolerations: list = [],
     settings: dict = {},
@@ -52,7 +53,9 @@ def pretrain(
     and service account, ``node_selector``, ``tolerations``, Kueue's ``queue_name``,
     ``priority_class``, ``image_pull_secrets``; torchrun restarts them up to ``max_restarts``
     times) that reads and writes through the PVC ``pvc_name`` mounted at ``pvc_mount_path``
-    here and in the job's pods.
+    here and in the job's pods. ``stage_size`` (e.g. "50Gi"; "" = off) gives every pod an
+    emptyDir of that size at /stage into which it copies the dataset from the PVC once, verified,
+    and trains from the copy (``simclr pretrain --stage-dir``; not used by backend local).
 
     The job and its directory on the PVC (``pipeline-runs/<job>/``) are named after the run,
     read from this pod's labels (not an input, so that identical runs share a cache key), or
@@ -87,7 +90,7 @@ def pretrain(
         queue_name=queue_name, priority_class=priority_class, image_pull_secrets=list(image_pull_secrets),
         runtime_name=runtime_name, runtime_kind=runtime_kind, max_restarts=max_restarts,
         node_selector=dict(node_selector), tolerations=list(tolerations),
-        pvc_name=pvc_name if stage else "", pvc_mount_path=pvc_mount_path,
+        pvc_name=pvc_name if stage else "", pvc_mount_path=pvc_mount_path, stage_size=stage_size if stage else "",
     )
     launch(job, backend=backend, timeout_s=timeout_s, log=print)
     if stage:  # bring the result from the PVC into the artifact
