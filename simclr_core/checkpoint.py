@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from simclr_core.storage import Store, StorageError, is_remote, make_shareable, read_bytes, sha256_file, write_atomic
+from simclr_core.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "CheckpointManager"]
 
@@ -44,10 +45,6 @@ LATEST = f"{CHECKPOINT_DIR}/latest.json"
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_METADATA_BYTES = 64 * 1024  # a checkpoint's metadata is a few hundred bytes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not one of ours; the message names it."""
 
 
 class _KeepsWriteError:

@@ -381,11 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse exits with 2 on bad usage
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
-    from simclr_core.checkpoint import CheckpointError
     from simclr_core.config import ConfigError
     from simclr_core.data import SourceError
+    from simclr_core.errors import CheckpointError, TrainingError  # not from their modules: those load torch
     from simclr_core.storage import StorageError, StorageUnavailable
-    from simclr_core.pretrain import TrainingError
 
     try:
         if getattr(args, "out", None):

@@ -27,7 +27,7 @@ READER = "simclr_core.data.prepared"
 # Floors, bottom first: a module may import its own floor and the ones below, never one above.
 # A new module must be given a floor here.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("simclr_core", "simclr_core.config", "simclr_core.storage", METHOD, "simclr_core.features", "simclr_core.knn"),
+    ("simclr_core", "simclr_core.config", "simclr_core.errors", "simclr_core.storage", METHOD, "simclr_core.features", "simclr_core.knn"),
     ("simclr_core.manifest", "simclr_core.data", *DATA_MODULES, "simclr_core.checkpoint", "simclr_core.runlock",
      "simclr_core.monitoring", "simclr_core.launch", "simclr_core.staging"),
     ("simclr_core.pretrain", "simclr_core.evaluate", "simclr_core.report", "simclr_core.summary"),

@@ -33,14 +33,17 @@ again; a byte flipped in place, without changing a file's size, is found by ``si
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from simclr_core import __version__
 from simclr_core.config import ConfigError, shown
 from simclr_core.manifest import SourceError, check_array, check_labels, check_manifest, read_manifest, read_subsets
 from simclr_core.storage import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FORMAT_VERSION", "DatasetCorrupt", "PreparedDataset"]
 
@@ -135,10 +138,12 @@ class PreparedDataset:
             raise ConfigError(f"label fraction {fraction} was not prepared; {self.root} has {sorted(subsets)}")
         return subsets[key]
 
-    def tensor(self, split: str, index: np.ndarray | None = None) -> torch.Tensor:
+    def tensor(self, split: str, index: np.ndarray | None = None) -> "torch.Tensor":
         """uint8 (N, C, H, W) tensor of ``split`` (rows ``index`` if given)."""
         images = self.images(split)
         array = images[index] if index is not None else np.asarray(images)
+        import torch  # here, not at the top: prepare and its decoding workers never need torch
+
         return torch.from_numpy(np.ascontiguousarray(array))
 
 

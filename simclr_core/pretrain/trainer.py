@@ -26,16 +26,13 @@ from simclr_core.pretrain.plan import make_plan
 from simclr_core.pretrain.prefetch import Prefetcher
 from simclr_core.runlock import run_lock
 from simclr_core.storage import Store, open_store, staged_output
+from simclr_core.errors import TrainingError
 
 __all__ = ["pretrain", "Trainer", "TrainingError", "MODEL_NAME", "finite_check_every"]
 
 log = logging.getLogger("simclr.pretrain")
 
 MODEL_NAME = "model.pt"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, for one); the message names the step."""
 
 
 # Steps between reads of the losses on an accelerator. Reading a loss (``.item()``) makes the host
