@@ -709,30 +709,36 @@ def _env_row(**variables: str) -> Callable[[Ctx], list]:
 # ------------------------------------------------------------------------------ full-disk rows
 
 
-def _full_disk_np_save(ctx: Ctx, writes_before: int) -> None:
-    """np.save writes ``writes_before`` files, then half of the next one and fails with ENOSPC."""
-    real_save, calls = np.save, {"n": 0}
+def _full_disk_writes(ctx: Ctx, writes_before: int) -> None:
+    """The writer writes ``writes_before`` files, then half of the next one's first block and fails with ENOSPC."""
+    from simclr_core.data import writer
 
-    def save(file, array, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] <= writes_before:
-            return real_save(file, array, *args, **kwargs)
-        buffer = io.BytesIO()
-        real_save(buffer, array, *args, **kwargs)
-        Path(file).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise _enospc()
+    real_file, calls = writer._HashingFile, {"n": 0}
 
-    ctx.monkeypatch.setattr(np, "save", save)
+    class FillingFile(real_file):
+        def __init__(self, handle) -> None:
+            super().__init__(handle)
+            calls["n"] += 1
+            self.full = calls["n"] > writes_before
+
+        def write(self, data) -> int:
+            if self.full:
+                data = memoryview(data).cast("B")
+                self.handle.write(data[: len(data) // 2])
+                raise _enospc()
+            return super().write(data)
+
+    ctx.monkeypatch.setattr(writer, "_HashingFile", FillingFile)
 
 
 def _disk_full_prepare(ctx: Ctx) -> list:
     args = prepare_args(ctx, ctx.folder())
-    _full_disk_np_save(ctx, writes_before=2)
+    _full_disk_writes(ctx, writes_before=2)
     return args
 
 
 def _disk_full_rerun(ctx: Ctx, good: Path) -> list:
-    _full_disk_np_save(ctx, writes_before=3)
+    _full_disk_writes(ctx, writes_before=3)
     return prepare_args(ctx, good, "--seed", "1")
 
 

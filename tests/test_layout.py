@@ -18,8 +18,9 @@ MAX_FUNCTION_LINES = 60
 
 # The data package, bottom up: each module may import those before it, never one after it.
 DATA_MODULES = (
-    "simclr_core.data.images", "simclr_core.data.idx", "simclr_core.data.archive", "simclr_core.data.sources",
-    "simclr_core.data.prepared", "simclr_core.data.writer",
+    "simclr_core.data.raw", "simclr_core.data.images", "simclr_core.data.pool", "simclr_core.data.folder",
+    "simclr_core.data.idx", "simclr_core.data.archive", "simclr_core.data.sources", "simclr_core.data.prepared",
+    "simclr_core.data.writer",
 )
 # What the reader may use of the data package: nothing of the writer's side (PIL, sources, archives).
 READER = "simclr_core.data.prepared"

@@ -60,7 +60,7 @@ def datasets(tmp_path_factory) -> dict[int, Path]:
                         rng.integers(0, 256, (16, 3, 32, 32), dtype=np.uint8), np.arange(16, dtype=np.int64) % 4,
                         ["a", "b", "c", "d"])
         with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(sources.SOURCES, "digits", Source(lambda config, raw=raw: raw))
+            patch.setitem(sources.SOURCES, "digits", Source(lambda config, scratch, raw=raw: raw))
             prepare(PrepareConfig(source="digits"), root / str(count))
         made[count] = root / str(count)
     return made

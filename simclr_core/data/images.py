@@ -7,12 +7,14 @@ against ``prepare.max_dataset_mib``. Grayscale, palette and transparent images a
 (one channel when every training image is grayscale, else RGB; transparency over white), and
 photos stored sideways with an EXIF Orientation tag are turned upright.
 
-:class:`_FolderReader` walks a folder of class subfolders (or a flat, unlabelled folder),
-listing every file it skips and why; :func:`_stack` turns what it read into one array.
+:class:`_FolderReader` lists a folder of class subfolders (or a flat, unlabelled folder) as
+:class:`_Group` s of files, listing every file it skips and why; :mod:`simclr_core.data.folder`
+decodes them (:func:`_decode_image`, one file) and counts them against the budgets here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import struct
@@ -89,6 +91,8 @@ def _open_image(handle, max_pixels: int):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides, just below
         try:
             image = Image.open(handle)
+        except Image.UnidentifiedImageError:  # PIL's message names the handle's file descriptor, not the file
+            raise Image.UnidentifiedImageError("cannot identify image file (not an image format PIL reads, or damaged)") from None
         except Image.DecompressionBombError as error:  # over PIL's hard limit (2 x 89 MP), before our check
             raise _OverBudget(f"{error} (over PIL's limit; prepare.max_image_pixels is {max_pixels})") from None
     width, height = image.size
@@ -177,21 +181,35 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
-class _FolderReader:
-    """Reads the image folders of one source, collecting skipped files and checking sizes.
+@dataclasses.dataclass
+class _Group:
+    """The image files of one folder, in reading order, all with one ``label`` (-1: unlabelled).
 
-    ``show`` turns a path into what messages print (an archive member's name for archives).
+    ``skips`` are the files its listing skipped (listed before those its decoding skips);
+    ``folder`` is the class folder, which must end up holding an image (None for a flat folder).
+    """
+
+    label: int
+    paths: list[Path]
+    skips: list[dict]
+    folder: Path | None = None
+
+
+class _FolderReader:
+    """Lists the image folders of one source, collecting skipped files and checking sizes.
+
+    Listing (:meth:`plan`) only stats files; decoding them is :mod:`simclr_core.data.folder`'s,
+    which counts them here (:meth:`hold`, :meth:`skip`). ``show`` turns a path into what
+    messages print (an archive member's name for archives).
     """
 
     def __init__(self, config: PrepareConfig, show=str) -> None:
-        self.size = config.image_size
         self.max_pixels = config.max_image_pixels
         self.max_mib = config.max_dataset_mib
         self.show = show
         self.skipped: list[dict] = []
         self.over_budget = 0  # how many of the skipped files were over max_pixels
         self.held = 0  # bytes of the decoded images so far
-        self.reference: tuple[Path, tuple[int, int]] | None = None  # first image read, and its (width, height)
 
     def skip(self, path: Path, reason: str) -> None:
         self.skipped.append({"path": self.show(path), "reason": reason})
@@ -253,78 +271,53 @@ class _FolderReader:
         walk(directory, [os.path.realpath(directory)])
         return found
 
-    def read(self, paths: list[Path]) -> tuple[list[np.ndarray], list[bool]]:
-        """The decoded images of ``paths`` (unreadable ones skipped) and whether each file is grayscale."""
-        images, grays = [], []
-        for path in paths:
-            try:
-                array, original, gray = _decode_image(path, self.size, self.max_pixels)
-            except _OverBudget as error:
-                self.over_budget += 1
-                self.skip(path, str(error))
-                continue
-            except Exception as error:  # PIL raises many types for bad files
-                self.skip(path, f"{type(error).__name__}: {error}")
-                continue
-            self._hold(path, array)
-            if self.size == 0:
-                if self.reference is None:
-                    self.reference = (path, original)
-                elif original != self.reference[1]:
-                    (first, first_size) = self.reference
-                    raise SourceError(
-                        f"images differ in size: {self.show(first)} is {first_size[0]}x{first_size[1]} but "
-                        f"{self.show(path)} is {original[0]}x{original[1]} (width x height); set prepare.image_size "
-                        "(--image-size N) to resize and centre-crop every image to N x N"
-                    )
-            images.append(array)
-            grays.append(gray)
-        return images, grays
+    def _listed(self, label: int, directory: Path, recursive: bool, folder: Path | None) -> _Group:
+        """A group of ``directory``'s files; the skips of its listing go into the group, not yet into ``skipped``."""
+        mark = len(self.skipped)
+        paths = self.files(directory, recursive)
+        skips = self.skipped[mark:]
+        del self.skipped[mark:]
+        return _Group(label, paths, skips, folder)
 
-    def _hold(self, path: Path, array: np.ndarray) -> None:
-        """Count ``array`` against prepare.max_dataset_mib: a SourceError once the images read exceed it."""
-        self.held += array.nbytes
+    def plan(self, folder: Path, class_names: list[str] | None) -> tuple[list[_Group], list[str]]:
+        """The groups of ``folder``: one per class subfolder (labelled, in sorted order), or one
+        flat, unlabelled group. Returns them and the class names (``class_names``, or the subfolders')."""
+        subdirs, loops = self._subdirs(folder)
+        if class_names is None:
+            class_names = [path.name for path in subdirs]
+        if not subdirs:
+            return [self._listed(-1, folder, recursive=False, folder=None)], class_names
+        mark = len(self.skipped)
+        for path in sorted(folder.iterdir()):
+            if path in loops:
+                self._loop(path)
+            elif _ignored(path.name):
+                self.skip(path, "hidden or metadata entry")
+            elif not path.is_dir():
+                self.skip(path, "a file beside the class folders (not in any class)")
+        beside = self.skipped[mark:]
+        del self.skipped[mark:]
+        groups = []
+        for path in subdirs:
+            if path.name not in class_names:
+                raise SourceError(f"class folder {self.show(path)} is not among the training classes {class_names}")
+            groups.append(self._listed(class_names.index(path.name), path, recursive=True, folder=path))
+        groups[0].skips[:0] = beside
+        return groups, class_names
+
+    def plan_unlabeled(self, folder: Path) -> _Group:
+        """``folder``'s images, in any subfolders, as one unlabelled group (STL-10's unlabeled/)."""
+        return self._listed(-1, folder, recursive=True, folder=None)
+
+    def hold(self, path: Path, nbytes: int) -> None:
+        """Count an image of ``nbytes`` against prepare.max_dataset_mib: a SourceError once the images read exceed it."""
+        self.held += nbytes
         if self.held > self.max_mib * 2**20:
             raise SourceError(
                 f"the images read up to {self.show(path)} take {self.held / 2**20:.0f} MiB (3 bytes a pixel), over "
                 f"prepare.max_dataset_mib ({self.max_mib}); set --image-size to shrink them, or raise the budget "
-                "if this machine has the memory (about twice it)"
+                "if the disk has room for them (they are written once, to the prepared dataset)"
             )
-
-    def load(self, folder: Path, class_names: list[str] | None):
-        """Images under ``folder``: class subfolders (labelled) or a flat folder (unlabelled).
-
-        Returns (images, gray flags, labels, class names); images are RGB (3, H, W) arrays.
-        """
-        subdirs, loops = self._subdirs(folder)
-        if class_names is None:
-            class_names = [path.name for path in subdirs]
-        images, grays, labels = [], [], []
-        if subdirs:
-            for path in sorted(folder.iterdir()):
-                if path in loops:
-                    self._loop(path)
-                elif _ignored(path.name):
-                    self.skip(path, "hidden or metadata entry")
-                elif not path.is_dir():
-                    self.skip(path, "a file beside the class folders (not in any class)")
-            for path in subdirs:
-                if path.name not in class_names:
-                    raise SourceError(f"class folder {self.show(path)} is not among the training classes {class_names}")
-                before, over_before = len(self.skipped), self.over_budget
-                class_images, class_grays = self.read(self.files(path, recursive=True))
-                if not class_images:
-                    detail = self.skipped_since(before, over_before, where=" in it")
-                    raise SourceError(
-                        f"class folder {self.show(path)} holds no readable images{detail}; add images to it or remove it"
-                    )
-                images += class_images
-                grays += class_grays
-                labels += [class_names.index(path.name)] * len(class_images)
-        else:
-            images, grays = self.read(self.files(folder, recursive=False))
-            labels = [-1] * len(images)
-        return images, grays, labels, class_names
 
 
 def _is_loop(path: Path, ancestors: list[str]) -> bool:
@@ -334,13 +327,3 @@ def _is_loop(path: Path, ancestors: list[str]) -> bool:
         return True
     parent = os.path.realpath(path.parent)
     return os.path.commonpath([target, parent]) == target
-
-
-def _stack(images: list[np.ndarray], grays: list[bool], channels: int) -> np.ndarray:
-    """One (N, channels, H, W) array of the RGB ``images``; each is dropped from the list once copied,
-    so the images are held once, not twice (the list and the stack)."""
-    array = np.empty((len(images), channels, *images[0].shape[1:]), dtype=np.uint8)
-    for index, gray in enumerate(grays):
-        image, images[index] = images[index], None
-        array[index] = image if channels == 3 else (image[:1] if gray else _luminance(image))
-    return array

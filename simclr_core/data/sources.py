@@ -1,6 +1,6 @@
 """The built-in sources behind one registry, :data:`SOURCES`: a name -> :class:`Source`.
 
-Each source reads its files into memory as :class:`RawSplits`; :func:`load_source` picks the
+Each source reads its files as :class:`RawSplits` (in memory, or on disk for image folders); :func:`load_source` picks the
 one ``prepare.source`` names. Adding a source is a loader and one entry in :data:`SOURCES` here
 (its name is also listed in :data:`simclr_core.config.SOURCES`, which validates
 ``prepare.source`` below this package; tests/test_layout.py checks that the two agree).
@@ -11,8 +11,9 @@ one ``prepare.source`` names. Adding a source is a loader and one entry in :data
 - ``cifar10``, ``cifar100``, ``stl10``: torchvision's datasets under ``prepare.source_root``
   (STL-10's unlabelled images go into train, with label -1).
 - ``digits``: scikit-learn's bundled 8x8 digits (no download).
-- ``imagefolder``: a directory (class subfolders, optionally under ``train/`` and ``test/``; a
-  flat folder is unlabelled), read by :mod:`simclr_core.data.images`, or an archive of one,
+- ``imagefolder``: a directory (class subfolders, optionally under ``train/`` and ``test/``, with
+  ``unlabeled/`` beside them; a flat folder is unlabelled), decoded in parallel by
+  :mod:`simclr_core.data.folder` into scratch files, or an archive of one,
   checked member by member by :mod:`simclr_core.data.archive` before anything is extracted.
 """
 
@@ -28,26 +29,15 @@ import numpy as np
 from simclr_core.config import PrepareConfig
 from simclr_core.data.archive import ARCHIVE_SUFFIXES, _archive_root, _extracted, _is_archive, _member_name
 from simclr_core.data.idx import _idx_header, _read_idx, _shape_text
-from simclr_core.data.images import _FolderReader, _special_kind, _stack
+from simclr_core.data.folder import load_image_folder
+from simclr_core.data.images import _special_kind
+from simclr_core.data.raw import RawSplits
 from simclr_core.manifest import SourceError
 
 __all__ = ["RawSplits", "Source", "SOURCES", "load_source", "source_root", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-@dataclasses.dataclass
-class RawSplits:
-    """Images of a source before the val split and subsets: uint8 (N, C, H, W) and int64 (N,)."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray | None
-    test_labels: np.ndarray | None
-    class_names: list[str]
-    extra: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
-    skipped: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _find(root: Path, stem: str) -> Path | None:
@@ -79,7 +69,7 @@ def _check_fashion_mnist_headers(paths: list[Path], config: PrepareConfig) -> No
         )
 
 
-def _load_fashion_mnist(config: PrepareConfig) -> RawSplits:
+def _load_fashion_mnist(config: PrepareConfig, scratch: Path) -> RawSplits:
     roots = [Path(config.source_root)] if config.source_root else [DEBIAN_FASHION_MNIST]
     for root in roots:
         stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -107,7 +97,7 @@ def _load_fashion_mnist(config: PrepareConfig) -> RawSplits:
     )
 
 
-def _load_torchvision(config: PrepareConfig) -> RawSplits:
+def _load_torchvision(config: PrepareConfig, scratch: Path) -> RawSplits:
     import torchvision
 
     if not config.source_root:
@@ -134,7 +124,7 @@ def _load_torchvision(config: PrepareConfig) -> RawSplits:
         raise SourceError(f"{config.source} under {root}: {error} (pass --download true to fetch it)") from None
 
 
-def _load_digits(config: PrepareConfig) -> RawSplits:
+def _load_digits(config: PrepareConfig, scratch: Path) -> RawSplits:
     """scikit-learn's bundled 8x8 digits (1,797 images, no download); a stratified 80/20 split."""
     from sklearn.datasets import load_digits
 
@@ -151,26 +141,7 @@ def _load_digits(config: PrepareConfig) -> RawSplits:
     )
 
 
-def _load_imagefolder_dir(root: Path, config: PrepareConfig, show=str) -> RawSplits:
-    reader = _FolderReader(config, show)
-    has_splits = (root / "train").is_dir()
-    train_dir = root / "train" if has_splits else root
-    images, grays, labels, classes = reader.load(train_dir, None)
-    if not images:
-        raise SourceError(f"image folder {show(train_dir)} holds no readable images{reader.skipped_since(0, 0) or ' (0 file(s) skipped)'}")
-    # One channel when every training image is grayscale; otherwise RGB (gray images replicated).
-    channels = 1 if all(grays) else 3
-    train_x = _stack(images, grays, channels)
-    test_x = test_y = None
-    if has_splits and (root / "test").is_dir():
-        test_images, test_grays, test_labels, _ = reader.load(root / "test", classes)
-        if test_images:
-            test_x = _stack(test_images, test_grays, channels)
-            test_y = np.asarray(test_labels, dtype=np.int64)
-    return RawSplits(train_x, np.asarray(labels, dtype=np.int64), test_x, test_y, classes, skipped=reader.skipped)
-
-
-def _load_imagefolder(config: PrepareConfig) -> RawSplits:
+def _load_imagefolder(config: PrepareConfig, scratch: Path) -> RawSplits:
     if not config.source_root:
         raise SourceError("prepare.source_root must name the image folder (or a .tar, .tar.gz or .zip of it)")
     root = Path(config.source_root)
@@ -181,17 +152,21 @@ def _load_imagefolder(config: PrepareConfig) -> RawSplits:
             )
         with _extracted(root) as dest:
             top = _archive_root(dest)
-            return _load_imagefolder_dir(top, config, show=lambda path: _member_name(root, dest, path))
+            return load_image_folder(top, config, scratch, show=lambda path: _member_name(root, dest, path))
     if not root.is_dir():
         raise SourceError(f"image folder {root} does not exist")
-    return _load_imagefolder_dir(root, config)
+    return load_image_folder(root, config, scratch)
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A built-in source: its loader, and where its files are when ``prepare.source_root`` is empty."""
+    """A built-in source: its loader, and where its files are when ``prepare.source_root`` is empty.
 
-    load: Callable[[PrepareConfig], RawSplits]
+    The loader gets the config and a scratch directory (inside the prepare's temporary
+    directory, removed with it) where it may keep images too large for memory.
+    """
+
+    load: Callable[[PrepareConfig, Path], RawSplits]
     default_root: str = ""  # the manifest's source_root when prepare.source_root is empty
 
 
@@ -210,9 +185,10 @@ def source_root(config: PrepareConfig) -> str:
     return config.source_root or SOURCES[config.source].default_root
 
 
-def load_source(config: PrepareConfig) -> RawSplits:
-    """Read the source named by ``config.source`` (a key of :data:`SOURCES`) into memory."""
+def load_source(config: PrepareConfig, scratch: Path) -> RawSplits:
+    """Read the source named by ``config.source`` (a key of :data:`SOURCES`); image folders are
+    decoded into files under ``scratch``, the others read into memory."""
     kind = _special_kind(config.source_root) if config.source_root else None
     if kind is not None:  # a FIFO would block the first open, a device never end
         raise SourceError(f"prepare.source_root {config.source_root} is a {kind}, not a directory or a regular file")
-    return SOURCES[config.source].load(config)
+    return SOURCES[config.source].load(config, Path(scratch))
