@@ -5,7 +5,8 @@ A prepared dataset is a directory::
     manifest.json             format_version, source, counts per split and class, class names,
                               image shape, sha256 of every file, skipped files, simclr_core version
     {split}_images.npy        uint8 (N, C, H, W), memory-mappable; split in train, val, test
-                              (STL-10's unlabelled images are in train, with label -1)
+                              (STL-10's and an image folder's unlabeled/ images are in
+                              train and val, with label -1)
     {split}_labels.npy        int64 (N,), -1 where unlabelled
     subsets.json              {"0.01": [train indices], "0.1": [...]}: class-balanced label
                               subsets, fixed by the seed (numpy PCG64: same on any machine)
