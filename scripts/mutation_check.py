@@ -35,7 +35,7 @@ class Mutation:
 
 
 MUTATIONS = (
-    Mutation("eval-ignores-weights", "evaluation never loads the pretrained weights", "simclr_core/evaluate.py",
+    Mutation("eval-ignores-weights", "evaluation never loads the pretrained weights", "simclr_core/evaluate/common.py",
              "    model.load_state_dict(weights)\n", "    pass  # mutation\n",
              ("tests/test_evaluation_weights.py", "tests/test_stages.py", "-k", "weights or beats")),
     Mutation("crop-flip-only-pretraining", "pretraining with the crop + flip only policy", "simclr_core/pretrain/model_setup.py",

@@ -62,18 +62,19 @@ def test_linear_eval_finetune_and_knn_run_in_the_chosen_precision(tiny_prepared,
     CUDA) every one of them runs under autocast: linear eval's features, fine-tuning's training
     steps and its scoring, the pretraining kNN probe."""
     if forced is not None:
-        monkeypatch.setattr(evaluate, "eval_uses_bf16", lambda device: forced)
+        monkeypatch.setattr(evaluate.linear, "eval_uses_bf16", lambda device: forced)
+        monkeypatch.setattr(evaluate.semi_supervised, "eval_uses_bf16", lambda device: forced)
         monkeypatch.setattr(knn_probe, "eval_uses_bf16", lambda device: forced)
     expected = torch.bfloat16 if forced else torch.float32
     dataset = PreparedDataset(tiny_prepared)
     size = dataset.image_shape[-1]
     model = _model()
     seen = _autocast_seen(model.encoder)
-    evaluate._linear_protocol(model, size, dataset, [1e-3], 5, 0, 64, 0, CPU)
+    evaluate.linear_protocol(model, size, dataset, [1e-3], 5, 0, 64, 0, CPU)
     assert seen and set(seen) == {expected}, "linear eval"
     seen.clear()
     network = evaluate.Classifier(model, 0, dataset.num_classes)
-    images, labels = evaluate._labelled(dataset, "train")
+    images, labels = evaluate.labelled(dataset, "train")
     evaluate.train_classifier(network, images, labels, size, 1, 8, 0.01, 0.0, 2, 0, CPU)
     evaluate.score_classifier(network, images, labels, size, CPU)
     assert seen and set(seen) == {expected}, "fine-tuning"

@@ -31,9 +31,12 @@ def _encoder_by_hand(model_file) -> tuple[torch.nn.Module, dict]:
 
 
 def _recorded(monkeypatch, name: str) -> list:
-    """Calls of ``simclr_core.evaluate.<name>``, recorded as (args, result) while they run as usual."""
+    """Calls of ``<name>`` from any module of ``simclr_core.evaluate``, recorded in order as
+    (args, result) while they run as usual."""
     calls: list = []
-    real = getattr(evaluate, name)
+    modules = [module for module in (evaluate.common, evaluate.linear, evaluate.semi_supervised, evaluate.transfer_learning)
+               if hasattr(module, name)]
+    real = getattr(modules[0], name)
 
     def recording(*args, **kwargs):
         if name == "train_classifier":  # its weights before training changes them
@@ -43,7 +46,8 @@ def _recorded(monkeypatch, name: str) -> list:
         calls.append((args, result))
         return result
 
-    monkeypatch.setattr(evaluate, name, recording)
+    for module in modules:
+        monkeypatch.setattr(module, name, recording)
     return calls
 
 

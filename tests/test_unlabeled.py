@@ -100,17 +100,18 @@ def test_pretraining_reads_the_unlabeled_rows(prepared, tmp_path, monkeypatch):
 
 def test_linear_eval_never_sees_an_unlabeled_image(prepared, tmp_path, monkeypatch):
     from simclr_core import evaluate
+    from simclr_core.evaluate import linear
     from simclr_core.pretrain import pretrain
 
     pretrain(_tiny_config(epochs=1, checkpoint_every=0), prepared, tmp_path / "run", DistEnv())
     extracted: list[np.ndarray] = []
-    real_extract = evaluate.extract
+    real_extract = linear.extract
 
     def extract(encoder, images, *args, **kwargs):
         extracted.append(np.asarray(images))
         return real_extract(encoder, images, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "extract", extract)
+    monkeypatch.setattr(linear, "extract", extract)
     evaluate.linear_eval(tmp_path / "run" / "model.pt", prepared, LinearEvalConfig(max_iter=5, augment_copies=0), torch.device("cpu"))
     dataset = PreparedDataset(prepared)
     labelled = sum(int(np.sum(dataset.labels(split) >= 0)) for split in ("train", "val", "test"))
