@@ -578,10 +578,12 @@ def _s3_client():
     try:
         attempts = int(value)
     except ValueError:
-        raise StorageError(f"{_S3_ATTEMPTS_ENV}={value!r}: expected a whole number of attempts") from None
+        attempts = 0
+    if not 1 <= attempts <= 100:  # 0 or less is no attempt at all, not "one"
+        raise StorageError(f"{_S3_ATTEMPTS_ENV}={value!r}: expected a whole number of attempts in [1, 100]")
     custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     config = Config(
-        retries={"mode": "standard", "total_max_attempts": max(1, attempts)},
+        retries={"mode": "standard", "total_max_attempts": attempts},
         connect_timeout=10, read_timeout=120,
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
     )

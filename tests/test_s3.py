@@ -116,6 +116,13 @@ def test_unreachable_endpoint_is_retried_then_reported(monkeypatch):
     assert len(attempts) == 2  # SIMCLR_S3_MAX_ATTEMPTS, then it gave up
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "ten", "1000"])
+def test_a_bad_attempt_count_is_refused_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("SIMCLR_S3_MAX_ATTEMPTS", value)
+    with pytest.raises(StorageError, match=rf"SIMCLR_S3_MAX_ATTEMPTS='{value}': expected a whole number of attempts in \[1, 100\]"):
+        open_store(_uri("run"))
+
+
 def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
