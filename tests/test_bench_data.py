@@ -47,7 +47,7 @@ def test_prepare_figures_are_measured_and_consistent(tiny):
     if figures["prepare_all"]["workers"] > 1:  # the forkserver's children were counted
         assert figures["prepare_all"]["worker_peak_bytes"] > 10 * 2**20
     assert figures["prepare_1"]["worker_peak_bytes"] == 0  # no pool with one worker
-    assert figures["decode"]["pil_decode_per_s"] > 0 and figures["decode"]["decode_image_per_s"] > 0
+    assert all(figures["decode"][key] > 0 for key in ("pil_decode_per_s", "resize_per_s", "decode_image_per_s"))
 
 
 def test_open_verify_data_path_and_staging_are_positive(tiny):
@@ -69,8 +69,13 @@ def test_the_extrapolation_follows_from_the_measured_rates(tiny):
     assert ex["prepare_hours_1_core"] == pytest.approx(IMAGENET / one["images_per_s"] / 3600)
     assert ex["prepare_hours_this_machine"] == pytest.approx(IMAGENET / full["images_per_s"] / 3600)
     per_core = full["images"] / full["wall_s"] / full["workers"]
+    serial_per_image = (full["wall_s"] - full["phases"]["decode"]) / full["images"]
+    decode_core_s_per_image = full["phases"]["decode"] * full["workers"] / full["images"]
     for cores in (16, 64):
         assert ex[f"prepare_hours_{cores}_cores"] == pytest.approx(IMAGENET / (cores * per_core) / 3600)
+        amdahl = IMAGENET * (serial_per_image + decode_core_s_per_image / cores) / 3600
+        assert ex[f"prepare_hours_{cores}_cores_amdahl"] == pytest.approx(amdahl)
+        assert ex[f"prepare_hours_{cores}_cores_amdahl"] > IMAGENET * serial_per_image / 3600  # the serial part is a floor
     assert ex["serial_write_hours"] == pytest.approx(IMAGENET * full["phases"]["write"] / full["images"] / 3600)
     assert ex["dataset_bytes"] == IMAGENET * 196_608 == 251_887_681_536 and ex["peak_disk_bytes"] == 2 * ex["dataset_bytes"]
     assert ex["staging_minutes"] == pytest.approx(251_887_681_536 / (figures["staging_mb_s"] * 1e6) / 60)
