@@ -33,7 +33,6 @@ Usage: python benchmarks/bench_data.py [--images 20000] [--cache DIR] [--dir DIR
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import RESULTS, write_results  # benchmarks/ is the script's directory
+from common import RESULTS, device_reads, drop_cache, write_results  # benchmarks/ is the script's directory
 
 SECTION = "bench_data"
 REPO = Path(__file__).resolve().parents[1]
@@ -165,27 +164,8 @@ def make_folder(cache: Path, images: int, test_images: int, classes: int, seed: 
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def drop_cache(paths) -> None:
-    """Evict files from the page cache (fsync first: only clean pages are dropped); as bench_staging.py."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-def device_reads() -> int:
-    """Bytes this process has had read from the block device (/proc/self/io)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_results  # benchmarks/ is the script's directory
+from common import device_reads, drop_cache, write_results  # benchmarks/ is the script's directory
 
 SECTION = "bench_staging"
 SHAPE = (3, 32, 32)
@@ -74,31 +74,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def drop_cache(directory: Path) -> None:
-    """Evict ``directory``'s files from the page cache (fsync first: only clean pages are dropped)."""
-    for path in directory.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+def _files_in(directory: Path) -> list[Path]:
+    return [path for path in directory.iterdir() if path.is_file()]
 
 
 def batches(count: int, batch: int, steps: int, seed: int = 0) -> list[np.ndarray]:
     """The trainer's pattern (simclr_core/pretrain/plan.py): a permutation, each batch sorted."""
     order = np.random.default_rng(seed).permutation(count)
     return [np.sort(order[k * batch:(k + 1) * batch]) for k in range(steps)]
-
-
-def device_reads() -> int:
-    """Bytes this process has had read from the block device (/proc/self/io read_bytes): proof
-    that a "cold" read went to the disk rather than the page cache."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
 
 
 def read_batches(path: Path, indices: list[np.ndarray]) -> tuple[float, int]:
@@ -136,7 +119,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[tuple[str, str, 
     count = make_dataset(source, args.gib)
     made = time.perf_counter() - start
     size = sum(p.stat().st_size for p in source.iterdir())
-    drop_cache(source)
+    drop_cache(_files_in(source))
     start = time.perf_counter()
     staged = stage_dataset(source, work / "stage", progress=False)
     staging_s = time.perf_counter() - start
@@ -146,11 +129,11 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[tuple[str, str, 
 
     indices = batches(count, args.batch, args.batches)
     warm_stage = read_batches(staged / "train_images.npy", indices)  # as staging leaves it: written pages cached
-    drop_cache(source)
+    drop_cache(_files_in(source))
     cold_source = read_batches(source / "train_images.npy", indices)
-    drop_cache(staged)
+    drop_cache(_files_in(staged))
     cold_stage = read_batches(staged / "train_images.npy", indices)
-    drop_cache(source)
+    drop_cache(_files_in(source))
     remote = read_batches_remote(source / "train_images.npy", indices[: args.rtt_batches], args.rtt_ms / 1000)
 
     per = lambda result, n: (1000 * result[0] / n, args.batch * n / result[0], result[1])  # noqa: E731  (ms/batch, images/s, device bytes)
