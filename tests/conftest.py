@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,11 @@ def cli_env(extra: dict | None = None) -> dict:
     return environment
 
 
-# Where run_cli runs by default: an empty directory, so that the CLI finds no ./params.yaml (in the
-# repository root it would read the project's, and a test's settings would change with it).
-_NO_PARAMS_CWD = Path(tempfile.mkdtemp(prefix="simclr-tests-cwd-"))
-
-
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300, fault: tuple[str, int] | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``python -m simclr_core ARGS`` (with ``fault`` injected) without params.yaml; return the finished process."""
-    return subprocess.run(cli_argv(*args, fault=fault), cwd=cwd or _NO_PARAMS_CWD, env=cli_env(env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(cli_argv(*args, fault=fault), cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def _pattern_image(label: int, index: int, size: int) -> np.ndarray:

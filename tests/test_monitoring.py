@@ -70,7 +70,7 @@ def _wait_for(check, timeout: float, what: str, process: subprocess.Popen | None
 def _start(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """Start ``args`` with stdout and stderr going to ``log_path`` (a file: a pipe nobody reads could fill up)."""
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent)  # no ./params.yaml
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     process.log_path = log_path
     return process
 

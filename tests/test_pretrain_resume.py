@@ -119,7 +119,7 @@ def _one_and_two_processes(data, tmp_path, settings: list[str]) -> None:
     double = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "simclr_core", "pretrain", "--data", str(data), "--out", str(tmp_path / "two"), "--device", "cpu", *settings],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,  # no ./params.yaml, as run_cli
+        env=env, capture_output=True, text=True, timeout=600,
     )
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stderr
