@@ -285,28 +285,34 @@ def data_path(root: Path, batch: int, batches: int, view_batch: int, view_batche
     from simclr_core.pretrain.trainer import Trainer
 
     path = root / "train_images.npy"
-    images = PreparedDataset(root).images("train")
+    dataset = PreparedDataset(root)
+    images, batch_reader = dataset.images("train"), dataset.batch_reader("train")
     count = len(images)
 
     def trainer(b: int):
-        """A stand-in with what make_views reads of the trainer: its config, plan, images, augmentation, rows."""
+        """A stand-in with what make_views reads of the trainer: its config, plan, reader, augmentation, rows."""
         config = PretrainConfig(image_size=CROP, batch_size=b, epochs=1)
         plan = make_plan(config, count, 1)
-        return SimpleNamespace(config=config, plan=plan, train_images=images, env=SimpleNamespace(rank=0, device=torch.device("cpu")),
+        return SimpleNamespace(config=config, plan=plan, train_images=images, read_batch=batch_reader,
+                               env=SimpleNamespace(rank=0, device=torch.device("cpu")),
                                augment=BatchedAugment(augment_config_for(config, CROP)), own_rows=plan.view_rows(0))
 
     reader = trainer(batch)
     batches = max(1, min(batches, reader.plan.steps_per_epoch))
 
-    def read() -> tuple[float, int]:  # make_views' first line: the batch gathered from the memory map
+    def read(gather) -> tuple[float, int]:  # make_views' first line: the batch's rows, read
         before, start = device_reads(), time.perf_counter()
         for step in range(batches):
-            torch.from_numpy(reader.train_images[reader.plan.local_indices(step, 0)])
+            torch.from_numpy(gather(reader.plan.local_indices(step, 0)))
         return time.perf_counter() - start, device_reads() - before
 
+    # The trainer's reader (PreparedDataset.batch_reader) first, then the memory map's gather for
+    # comparison: pages the map has touched stay mapped, and a mapped page cannot be evicted.
     drop_cache([path])
-    cold, cold_device = read()
-    warm, _ = read()
+    cold, cold_device = read(reader.read_batch)
+    warm, _ = read(reader.read_batch)
+    drop_cache([path])
+    cold_map, cold_map_device = read(lambda index: np.asarray(images[index]))
     maker = trainer(view_batch)
     view_batches = max(1, min(view_batches, maker.plan.steps_per_epoch))
     threads = torch.get_num_threads()
@@ -325,6 +331,7 @@ def data_path(root: Path, batch: int, batches: int, view_batch: int, view_batche
     return {
         "train_images": count, "batch": batch, "batches": batches, "read_cold_per_s": batch * batches / cold,
         "read_cold_device_bytes": cold_device, "read_warm_per_s": batch * batches / warm,
+        "read_cold_map_per_s": batch * batches / cold_map, "read_cold_map_device_bytes": cold_map_device,
         "view_batch": view_batch, "view_batches": view_batches, "views_1_thread_per_s": views[1],
         "views_all_threads_per_s": views[threads], "threads": threads,
     }
@@ -427,8 +434,11 @@ def rows_of(figures: dict) -> list[tuple[str, str, str]]:
         ("open (PreparedDataset, O(1))", f"{figures['open_ms']:,.2f} ms", f"median; max {figures['open_ms_max']:,.2f} ms"),
         ("verify (every sha256)", f"{figures['verify_cold_mb_s']:,.0f} MB/s cold, {figures['verify_warm_mb_s']:,.0f} MB/s warm",
          f"{gb(figures['verified_bytes'])} in {figures['verify_cold_s']:,.1f} s (cold)"),
-        (f"data path: read B={figures['batch']} at the plan's sorted random indices", f"{figures['read_cold_per_s']:,.0f} images/s cold, {figures['read_warm_per_s']:,.0f} warm",
+        (f"data path: read B={figures['batch']} at the plan's sorted random indices (the trainer's reader)",
+         f"{figures['read_cold_per_s']:,.0f} images/s cold, {figures['read_warm_per_s']:,.0f} warm",
          f"{figures['batches']} batches; {mib(figures['read_cold_device_bytes'])} from the device when cold"),
+        ("data path: the same batches gathered from the memory map (the trainer's read until now)", f"{figures['read_cold_map_per_s']:,.0f} images/s cold",
+         f"{mib(figures['read_cold_map_device_bytes'])} from the device: the map's read-around"),
         (f"data path: make_views at {CROP} px (read + 2 views), CPU", f"{figures['views_1_thread_per_s']:,.1f} images/s (1 thread), {figures['views_all_threads_per_s']:,.1f} ({figures['threads']} threads)",
          f"B={figures['view_batch']}, {figures['view_batches']} batches; on a GPU the views are made on the device"),
         ("staging (copy + sha256 + fsync, cold source)", f"{figures['staging_mb_s']:,.0f} MB/s", f"{gb(figures['staged_bytes'])} in {figures['staging_s']:,.1f} s"),

@@ -55,7 +55,7 @@ def test_open_verify_data_path_and_staging_are_positive(tiny):
     assert figures["dataset_bytes"] > 220 * ROW_BYTES  # images plus labels, subsets, manifest
     assert 0 < figures["open_ms"] <= figures["open_ms_max"]
     assert figures["verified_bytes"] > 220 * ROW_BYTES
-    for key in ("verify_cold_mb_s", "verify_warm_mb_s", "read_cold_per_s", "read_warm_per_s", "views_1_thread_per_s",
+    for key in ("verify_cold_mb_s", "verify_warm_mb_s", "read_cold_per_s", "read_warm_per_s", "read_cold_map_per_s", "views_1_thread_per_s",
                 "views_all_threads_per_s", "staging_mb_s"):
         assert figures[key] > 0, key
     assert figures["train_images"] == 190 and figures["batches"] >= 1

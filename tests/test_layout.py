@@ -18,12 +18,14 @@ MAX_FUNCTION_LINES = 60
 
 # The data package, bottom up: each module may import those before it, never one after it.
 DATA_MODULES = (
-    "simclr_core.data.raw", "simclr_core.data.images", "simclr_core.data.pool", "simclr_core.data.folder",
+    "simclr_core.data.raw", "simclr_core.data.rows", "simclr_core.data.images", "simclr_core.data.pool", "simclr_core.data.folder",
     "simclr_core.data.idx", "simclr_core.data.archive", "simclr_core.data.sources", "simclr_core.data.prepared",
     "simclr_core.data.writer",
 )
-# What the reader may use of the data package: nothing of the writer's side (PIL, sources, archives).
+# What the reader may use of the data package: nothing of the writer's side (PIL, sources, archives),
+# only the row reading it shares with the writer's scratch files.
 READER = "simclr_core.data.prepared"
+READER_MAY_USE = ("simclr_core.data.rows",)
 
 # Floors, bottom first: a module may import its own floor and the ones below, never one above.
 # A new module must be given a floor here.
@@ -164,7 +166,8 @@ def test_data_modules_import_only_those_below_them():
 
 
 def test_the_reader_imports_nothing_of_the_writer_side():
-    found = [imported for _, imported in _imports(READER) if imported.startswith("simclr_core.data") or imported.split(".")[0] == "PIL"]
+    found = [imported for _, imported in _imports(READER)
+             if (imported.startswith("simclr_core.data") and imported not in READER_MAY_USE) or imported.split(".")[0] == "PIL"]
     assert found == []
 
 

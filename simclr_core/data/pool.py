@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from simclr_core.data.images import _decode_image, _luminance, _OverBudget
+from simclr_core.data.rows import read_rows
 
 __all__ = ["Outcome", "decode_one", "decode_all", "ScratchRows", "available_cpus", "RUN_BYTES"]
 
@@ -153,7 +154,6 @@ class ScratchRows:
         self.path, self.keep, self.channels = Path(path), np.asarray(keep, dtype=np.int64), channels
         self.shape = (len(self.keep), channels, *hw)
         self.nbytes = math.prod(self.shape)
-        self._rgb_bytes = 3 * hw[0] * hw[1]
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -161,19 +161,9 @@ class ScratchRows:
     def __getitem__(self, index: np.ndarray) -> np.ndarray:
         rows = self.keep[np.asarray(index, dtype=np.int64)]
         out = np.empty((len(rows), 3, *self.shape[2:]), dtype=np.uint8)
-        flat = memoryview(out).cast("B")
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
         fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
-                self._read(fd, flat[start * self._rgb_bytes : stop * self._rgb_bytes], int(rows[start]) * self._rgb_bytes)
+            read_rows(fd, out, rows, 0, self.path)  # runs of consecutive rows: one read each
         finally:
             os.close(fd)
         return out if self.channels == 3 else _luminance(out)
-
-    def _read(self, fd: int, buffer: memoryview, offset: int) -> None:
-        while buffer:
-            got = os.preadv(fd, [buffer], offset)
-            if got == 0:
-                raise OSError(f"{self.path} ended early: the scratch file was truncated while prepare ran")
-            buffer, offset = buffer[got:], offset + got

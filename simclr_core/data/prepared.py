@@ -33,6 +33,7 @@ again; a byte flipped in place, without changing a file's size, is found by ``si
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ import numpy as np
 
 from simclr_core import __version__
 from simclr_core.config import ConfigError, shown
+from simclr_core.data.rows import READ_THREADS, RowReader
 from simclr_core.manifest import SourceError, check_array, check_labels, check_manifest, read_manifest, read_subsets
 from simclr_core.storage import sha256_file
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT_VERSION", "DatasetCorrupt", "PreparedDataset"]
 
+LARGE_ROW_BYTES = 16 * 2**10  # images from 74 x 74 RGB up are read with preadv (see batch_reader)
 FORMAT_VERSION = 1  # of the prepared dataset layout; PreparedDataset refuses other versions
 
 
@@ -124,6 +127,20 @@ class PreparedDataset:
         """uint8 (N, C, H, W), memory-mapped."""
         return np.load(self._split_file(split, "images"), mmap_mode="r", allow_pickle=False)
 
+    def batch_reader(self, split: str, threads: int = READ_THREADS) -> "RowReader | _MappedRows":
+        """A reader of ``split``'s images at chosen rows, for reading at random (a training step's
+        batch): ``reader(index)`` is uint8 (len(index), C, H, W); close it when done.
+
+        Rows of :data:`LARGE_ROW_BYTES` or more are read with ``preadv`` (:class:`RowReader`: the
+        bytes asked for, several requests in flight); smaller ones are gathered from the memory
+        map, where a dataset of small images sits in the page cache and one call per row would
+        cost more than the map's copy.
+        """
+        images = self.images(split)
+        if math.prod(images.shape[1:]) < LARGE_ROW_BYTES:
+            return _MappedRows(images)
+        return RowReader(self._split_file(split, "images"), images.shape, images.offset, threads)
+
     def labels(self, split: str) -> np.ndarray:
         """int64 (N,): a class index, or -1 for an unlabelled image."""
         path = self._split_file(split, "labels")
@@ -146,6 +163,19 @@ class PreparedDataset:
         import torch  # here, not at the top: prepare and its decoding workers never need torch
 
         return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class _MappedRows:
+    """:meth:`PreparedDataset.batch_reader` for small rows: gathers from the memory map."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        return np.asarray(self.images[index])
+
+    def close(self) -> None:
+        pass
 
 
 _MISSING_SPLIT_REMEDY = {

@@ -121,6 +121,7 @@ class Trainer:
         self.config, self.store, self.out_dir, self.env = config, store, out_dir, env
         self.dataset = PreparedDataset(data_dir)
         self.train_images = self.dataset.images("train")  # (N, C, H, W) uint8
+        self.read_batch = self.dataset.batch_reader("train")  # rows at random, as the steps need them
         self.plan = make_plan(config, len(self.train_images), env.world_size)
         self.image_size = config.image_size or self.dataset.image_shape[-1]
         self.model_config = model_config_for(config, self.image_size)
@@ -159,6 +160,7 @@ class Trainer:
                 self._step_and_observe(train_model, batches, tally, observers)
         finally:
             batches.close()
+            self.read_batch.close()
             for observer in observers:
                 observer.close()
         self.save_model()
@@ -231,7 +233,7 @@ class Trainer:
     def make_views(self, step: int) -> torch.Tensor:
         """(2 * local_batch, C, S, S) float views of this rank's images of ``step``: a pure function
         of the step (the :class:`Prefetcher` makes them one step ahead, in a background thread)."""
-        images = torch.from_numpy(self.train_images[self.plan.local_indices(step, self.env.rank)])
+        images = torch.from_numpy(self.read_batch(self.plan.local_indices(step, self.env.rank)))
         if self.env.device.type == "cuda":
             images = images.pin_memory().to(self.env.device, non_blocking=True)
         generator = seeded_generator(self.config.seed, RandomStream.PRETRAIN_VIEWS, step)
