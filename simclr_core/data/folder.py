@@ -45,11 +45,11 @@ def _reference(paths: list[Path], config: PrepareConfig) -> tuple[Path | None, t
     for path in paths:
         outcome, array = decode_one(path, config.image_size, config.max_image_pixels, None)
         if array is not None:
-            return path, outcome_size(array), tuple(array.shape[1:])
+            return path, _width_height(array), tuple(array.shape[1:])
     return None, (0, 0), (1, 1)
 
 
-def outcome_size(array: np.ndarray) -> tuple[int, int]:
+def _width_height(array: np.ndarray) -> tuple[int, int]:
     """(width, height) of a (3, H, W) row."""
     return int(array.shape[2]), int(array.shape[1])
 
