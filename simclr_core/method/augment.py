@@ -263,7 +263,13 @@ class ViewParams:
         return ViewParams(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
     def to(self, device: torch.device) -> "ViewParams":
-        return ViewParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)})
+        """The parameters on ``device``. To CUDA they go through pinned memory: a copy from pageable
+        memory would make the host wait for the stream's queued kernels first."""
+        pin = device.type == "cuda"
+        return ViewParams(**{
+            f.name: (getattr(self, f.name).pin_memory() if pin else getattr(self, f.name)).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+        })
 
 
 class BatchedAugment:

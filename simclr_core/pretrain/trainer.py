@@ -154,7 +154,7 @@ class Trainer:
         self.results = dict(self.history[-1]) if self.history else {}
         tally = _EpochTally(torch.full((), self.unfinished["loss_sum"], device=self.env.device), int(self.unfinished["steps"]))
         train_model.train()
-        batches = Prefetcher(self.make_views, self.step, self.plan.total_steps, self.config.data_threads)
+        batches = Prefetcher(self.make_views, self.step, self.plan.total_steps, self.config.data_threads, self.env.device)
         try:
             while self.step < self.plan.total_steps:
                 self._step_and_observe(train_model, batches, tally, observers)
