@@ -349,3 +349,33 @@ def test_separable_crop_equals_grid_sample_bicubic(in_hw, size, channels):
     assert params.flip.any() and not params.flip.all()
     out = augment._crop_flip_resize(images, params.crop, params.flip)
     torch.testing.assert_close(out, _grid_sample_crop(images, params.crop, params.flip, size), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_accelerator_jitter_and_blur_equal_the_cpus_row_picking(channels):
+    # On an accelerator every op runs on every row and is kept where due (no host sync); the
+    # CPU picks the rows out. Both must give the same views, bit for bit: every op is per image.
+    from simclr_core.method.augment import _GRAY_JITTER_FUNCTIONS, _JITTER_FUNCTIONS, _blur_every_row, _jitter_every_row
+
+    augment = BatchedAugment(AugmentConfig(size=24, strength=1.0, blur=True))
+    params = augment.sample_params(256, 24, 24, torch.Generator().manual_seed(3))
+    assert 0 < int(params.jitter.sum()) < 256 and 0 < int(params.blur.sum()) < 256  # both kinds of rows
+    x = torch.rand(256, channels, 24, 24, generator=torch.Generator().manual_seed(4))
+    functions = _JITTER_FUNCTIONS if channels == 3 else _GRAY_JITTER_FUNCTIONS
+    picked = augment._jitter(x, params, functions)
+    assert torch.equal(_jitter_every_row(x, params, functions), picked)
+    assert torch.equal(_blur_every_row(picked, params.blur, params.blur_sigma, augment.config.blur_kernel),
+                       augment._blur(picked, params.blur, params.blur_sigma))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_views_made_off_the_cpu_need_no_host_sync(channels):
+    # Meta tensors have shapes and no values: an op whose output shape depends on the data (a
+    # nonzero, a boolean index) cannot run on them, exactly the ops that make a GPU's host wait.
+    augment = BatchedAugment(AugmentConfig(size=24, strength=1.0, blur=True))
+    params = augment.sample_params(8, 32, 32, torch.Generator().manual_seed(0))
+    images = torch.zeros(8, channels, 32, 32, dtype=torch.uint8, device="meta")
+    views = augment.apply(images, params.to(torch.device("meta")))
+    assert views.shape == (8, 3, 24, 24) and views.device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError)):  # what the CPU's row picking does, for contrast
+        params.blur.to("meta").nonzero()

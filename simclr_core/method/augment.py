@@ -385,7 +385,11 @@ class BatchedAugment:
         """Brightness, contrast, saturation, hue in each image's own order, on jittered images only.
 
         ``functions``: the four ops in JITTER_OPS order; None for one that leaves images as they are.
+        On a CPU each op runs on its rows only; on an accelerator on every row, kept where due
+        (:func:`_jitter_every_row`), because picking the rows out needs their count on the host.
         """
+        if x.device.type != "cpu":
+            return _jitter_every_row(x, params, functions)
         selected = params.jitter.nonzero().squeeze(1)
         if selected.numel() == 0:
             return x
@@ -404,12 +408,35 @@ class BatchedAugment:
         return out
 
     def _blur(self, x: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Blurred where ``apply``; on an accelerator every row is blurred and the rest kept (no host sync)."""
+        kernel = self.config.blur_kernel
+        if x.device.type != "cpu":
+            return _blur_every_row(x, apply, sigma, kernel)
         selected = apply.nonzero().squeeze(1)
         if selected.numel() == 0:
             return x
         out = x.clone()
-        out[selected] = gaussian_blur(x[selected], sigma[selected], self.config.blur_kernel)
+        out[selected] = gaussian_blur(x[selected], sigma[selected], kernel)
         return out
+
+
+def _blur_every_row(x: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """:meth:`BatchedAugment._blur` without a host sync: every row blurred, kept where ``apply``."""
+    return _where_rows(apply, gaussian_blur(x, sigma, kernel_size), x)
+
+
+def _jitter_every_row(x: torch.Tensor, params: ViewParams, functions) -> torch.Tensor:
+    """:meth:`BatchedAugment._jitter` without a host sync: at each of the four positions, each op
+    runs on the whole batch and is kept on the rows whose order puts it there. Four times the
+    arithmetic of picking the rows out, on a device where the arithmetic is cheap and a wait for
+    the host is not; the same values (every op is per image; tested on the CPU)."""
+    for position in range(4):
+        for op_index, op in enumerate(functions):
+            if op is None:
+                continue
+            due = params.jitter & (params.jitter_order[:, position] == op_index)
+            x = _where_rows(due, op(x, params.jitter_factors[:, op_index]), x)
+    return x
 
 
 # grid_sample's bicubic convolution coefficient (Keys' kernel with A = -0.75, as PIL and OpenCV).
