@@ -35,17 +35,21 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _pretrain(metrics: dict[str, Any], runs: Path) -> list[str]:
-    epochs = _epoch_values(runs / "pretrain" / "live" / "plots" / "metrics" / "knn_accuracy.tsv")
-    first = f" (after epoch 1: {_percent(epochs[0])})" if len(epochs) > 1 else ""
-    epoch = metrics.get("epoch", len(epochs))  # counted from 1
+    passes = _epoch_values(runs / "pretrain" / "live" / "plots" / "metrics" / "knn_accuracy.tsv")
+    first = f" (after epoch {passes[0][0]}: {_percent(passes[0][1])})" if len(passes) > 1 else ""
+    epoch = metrics.get("epoch", passes[-1][0] if passes else 0)  # counted from 1
     return [f"kNN accuracy on val {_percent(metrics.get('knn_accuracy'))} after epoch {epoch}{first}"]
 
 
-def _epoch_values(tsv: Path) -> list[float]:
+def _epoch_values(tsv: Path) -> list[tuple[int, float]]:
+    """(epoch counted from 1, value) of each row of a DVCLive metric's .tsv (a header naming a ``step``
+    column, the value last; DVCLive's step is the epoch counted from 0). A metric logged every few
+    epochs (``pretrain.knn_every``) has rows for those epochs only."""
     try:
-        rows = tsv.read_text().splitlines()[1:]
-        return [float(row.split("\t")[-1]) for row in rows if row]
-    except (OSError, ValueError):
+        header, *rows = [line.split("\t") for line in tsv.read_text().splitlines() if line]
+        step = header.index("step")
+        return [(int(row[step]) + 1, float(row[-1])) for row in rows]
+    except (OSError, ValueError, IndexError):
         return []
 
 

@@ -19,7 +19,7 @@ CIFAR10_GPU = {  # what the CIFAR-10 GPU recipe changes, and to what
     "prepare.source": "cifar10", "prepare.download": True,
     "pretrain.width_multiplier": 1.0, "pretrain.cifar_stem": "auto", "pretrain.epochs": 200, "pretrain.batch_size": 512,
     "pretrain.temperature": 0.5, "pretrain.base_lr": 1.0, "pretrain.lr_scaling": "linear", "pretrain.warmup_epochs": 10.0,
-    "pretrain.weight_decay": 1e-4, "pretrain.checkpoint_every": 0,
+    "pretrain.weight_decay": 1e-4, "pretrain.checkpoint_every": 0, "pretrain.knn_every": 5,
 }
 IMAGENET = {  # what the ImageNet-1k recipe changes, and to what
     "prepare.source": "imagefolder", "prepare.source_root": "/mnt/simclr/imagenet", "prepare.val_fraction": 0.01,

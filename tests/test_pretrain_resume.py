@@ -203,3 +203,24 @@ def test_batch_smaller_than_world_size_exits_2_before_rendezvous(tiny_prepared, 
     )
     assert result.returncode == 2
     assert "pretrain.batch_size=3 must be a multiple of the number of processes (4)" in result.stderr
+
+
+def test_knn_pass_runs_every_knn_every_epochs_and_at_the_last(tiny_prepared, tmp_path, monkeypatch):
+    from simclr_core.pretrain.knn_probe import KnnProbe
+
+    passes = []
+    real_accuracy = KnnProbe.accuracy
+    monkeypatch.setattr(KnnProbe, "accuracy", lambda self, *a: passes.append(1) or real_accuracy(self, *a))
+    run = tmp_path / "run"
+    pretrain(_tiny_config(epochs=5, knn_every=2, checkpoint_every=0), tiny_prepared, run, DistEnv())
+    epochs = load_checkpoint(run / "checkpoints/step-00000015.pt")["epoch_metrics"]
+    assert [e["epoch"] for e in epochs if "knn_accuracy" in e] == [2, 4, 5] and len(passes) == 3
+    knn_rows = (run / "live" / "plots" / "metrics" / "knn_accuracy.tsv").read_text().splitlines()[1:]
+    assert [row.split("\t")[0] for row in knn_rows] == ["1", "3", "4"]  # DVCLive's steps count epochs from 0
+    scored = [meta["step"] for meta in CheckpointManager(LocalStore(run)).list() if meta["knn_accuracy"] is not None]
+    assert sorted(scored) == [12, 15]  # the kept checkpoints (last 3) that had a pass: epochs 4 and 5
+
+    passes.clear()
+    pretrain(_tiny_config(epochs=2, knn_every=0, checkpoint_every=0), tiny_prepared, tmp_path / "none", DistEnv())
+    assert passes == []
+

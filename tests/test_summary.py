@@ -48,3 +48,12 @@ def test_missing_and_broken_results_are_named_not_fatal(tmp_path, capsys):
     assert lines[1] == f"linear eval  unreadable results in {runs}/linear_eval/metrics.json"
     assert lines[2] == f"finetune     unreadable results in {runs}/finetune/metrics.json"
     assert len(lines) == 5
+
+
+def test_summary_names_the_epochs_of_a_metric_logged_every_few_epochs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs / "pretrain/live/metrics.json", {"epoch": 12, "step": 11, "knn_accuracy": 0.81})
+    # with pretrain.knn_every 5 the kNN rows are epochs 5, 10 and the last (DVCLive's step is the epoch - 1)
+    _write(runs / "pretrain/live/plots/metrics/knn_accuracy.tsv", "step\tknn_accuracy\n4\t0.5\n9\t0.75\n11\t0.81\n")
+    assert main(["summary", "--runs", str(runs)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "pretrain     kNN accuracy on val 81.00% after epoch 12 (after epoch 5: 50.00%)"

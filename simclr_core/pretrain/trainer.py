@@ -328,10 +328,15 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_second": tally.steps * self.config.batch_size / max(seconds, 1e-9),
         }
-        if self.knn is not None:
+        if self.knn is not None and self._knn_due(results["epoch"]):
             results["knn_accuracy"] = self.knn.accuracy(self.model, self.image_size, self.env.device)
         results["data_wait_fraction"] = tally.data_wait / max(seconds, 1e-9)  # this rank's
         return results
+
+    def _knn_due(self, epoch: int) -> bool:
+        """Whether ``epoch`` (counted from 1) ends with a kNN pass: every ``knn_every``-th and the last."""
+        every = self.config.knn_every
+        return every > 0 and (epoch % every == 0 or epoch == self.config.epochs)
 
     def save(self, knn_accuracy: float | None, tally: _EpochTally, observers: list[Observer]) -> None:
         """Rank 0 writes the checkpoint of this step (the other ranks return at once); the observers
