@@ -18,6 +18,7 @@ For ResNet-18 at 32 px (CIFAR stem, B=512) and ResNet-50 at 224 px (B=256, blur 
 Usage (PYTHONPATH = the repository; imports neither dvclive, kfp nor google-cloud-storage):
 
     PYTHONPATH=. python3 benchmarks/bench_gpu.py                        # on a GPU, about 3 minutes
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --compile default --rounds 1   # the same with torch.compile
     python benchmarks/bench_gpu.py --tiny --results /tmp/RESULTS.md     # CPU, tiny models: every row, seconds
 """
 
@@ -37,12 +38,12 @@ import numpy as np
 import torch
 
 from common import RESULTS, peak_rss_kib, reset_peak_rss_kib, spread, write_results  # benchmarks/ is the script's directory
-from simclr_core.config import PrepareConfig, PretrainConfig
+from simclr_core.config import COMPILE_MODES, PrepareConfig, PretrainConfig
 from simclr_core.data import prepare
 from simclr_core.launch import init_distributed
 from simclr_core.method.distributed import DistEnv
 from simclr_core.method.loss import NTXentLoss
-from simclr_core.pretrain.model_setup import model_config_for, optimizer_for, training_model, uses_bf16
+from simclr_core.pretrain.model_setup import compiled, model_config_for, optimizer_for, training_model, uses_bf16
 from simclr_core.pretrain.observers import EpochLog, Observer, ProgressBar
 from simclr_core.pretrain.plan import make_plan
 from simclr_core.pretrain.trainer import Trainer
@@ -64,11 +65,12 @@ class Setting:
     width: float = 1.0
     steps_per_epoch: int = 20
 
-    def config(self, epochs: int) -> PretrainConfig:
+    def config(self, epochs: int, compile_mode: str = "none") -> PretrainConfig:
         return PretrainConfig(
             arch=self.arch, width_multiplier=self.width, cifar_stem=str(self.cifar_stem).lower(), blur=str(self.blur).lower(),
             batch_size=self.batch, epochs=epochs, warmup_epochs=0.0, checkpoint_every=0, keep_checkpoints=1,
             base_lr=2.0 * 256 / 512, temperature=0.5,  # lr 2.0 at B=512, as DESIGN.md's measured CIFAR-10 run
+            compile=compile_mode,
         )
 
 
@@ -145,14 +147,14 @@ class _SyncCountingTrainer(_LoopTrainer):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def syncs_per_step(data: Path, setting: Setting, env: DistEnv) -> float | None:
+def syncs_per_step(data: Path, setting: Setting, env: DistEnv, args: argparse.Namespace) -> float | None:
     """Host syncs per step that torch's sync debug mode reports in a one-epoch run; None off CUDA."""
     if env.device.type != "cuda":
         return None
     _SyncCountingTrainer.counted_steps = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        end_to_end(data, setting.config(epochs=1), env, _SyncCountingTrainer)
+        end_to_end(data, setting.config(epochs=1, compile_mode=args.compile), env, _SyncCountingTrainer)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     return len(syncs) / max(1, _SyncCountingTrainer.counted_steps)
 
@@ -165,10 +167,13 @@ def step_seconds(config: PretrainConfig, setting: Setting, env: DistEnv, warmup:
     bf16 = uses_bf16(config.precision, env.device)
     optimizer, scheduler = optimizer_for(model, config, make_plan(config, setting.batch * setting.steps_per_epoch, 1))
     loss_fn = NTXentLoss(config.temperature, gather=True)
+    run_model = compiled(model, config.compile, env.device)  # as the trainer runs it
 
     def step() -> None:
+        if config.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type=env.device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, z = model(views)
+            _, z = run_model(views)
         if not full:
             model.zero_grad(set_to_none=True)
             z.float().sum().backward()
@@ -202,7 +207,7 @@ class Rounds:
 
 def measure(setting: Setting, data: Path, env: DistEnv, args: argparse.Namespace) -> Rounds:
     """``args.rounds`` rounds of bare, bare + NT-Xent + LARS, then the trainer's loop (paired, as bench_step.py)."""
-    config = setting.config(epochs=2)
+    config = setting.config(epochs=2, compile_mode=args.compile)
     rounds = Rounds()
     for number in range(args.rounds):
         rounds.bare.append(setting.batch / step_seconds(config, setting, env, args.warmup, args.steps, full=False))
@@ -221,7 +226,7 @@ def rows_of(setting: Setting, rounds: Rounds, syncs: float | None, env: DistEnv,
     e2e, bare, full = (statistics.median(values) for values in (rounds.e2e, rounds.bare, rounds.full))
     ratios = [a / b for a, b in zip(rounds.e2e, rounds.bare)]
     shares = [1 - f / b for f, b in zip(rounds.full, rounds.bare)]  # (t_full - t_bare) / t_full
-    mode = "bf16 autocast" if uses_bf16("auto", env.device) else "fp32"
+    mode = ("bf16 autocast" if uses_bf16("auto", env.device) else "fp32") + ("" if args.compile == "none" else f", torch.compile {args.compile}")
     label, of = f"{setting.label}, {mode}", f"median of {args.rounds} round(s)"
     memory = "max allocated on the GPU" if env.device.type == "cuda" else "RSS above the process before it"
     synced = "n/a (CPU ops run as they are called)" if syncs is None else f"{syncs:.1f}"
@@ -251,7 +256,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             data = make_dataset(Path(root), setting)
             print(f"{setting.label}: dataset ready in {time.perf_counter() - start:.0f} s", flush=True)
             rounds = measure(setting, data, env, args)
-            rows += rows_of(setting, rounds, syncs_per_step(data, setting, env), env, args)
+            rows += rows_of(setting, rounds, syncs_per_step(data, setting, env, args), env, args)
             for row in rows[-8:]:
                 print(row, flush=True)
             print(f"{setting.label}: {time.perf_counter() - start:.0f} s in all", flush=True)
@@ -265,6 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds, medians reported (default 3; 1 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed bare steps (default 10; 1 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed bare steps (default 40; 2 with --tiny)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="pretrain.compile for the loop and the bare steps alike (default none; compiling takes a minute or more a model)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the results file to write the section into")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -280,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         command = "python3 benchmarks/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-        write_results(f"{SECTION} ({device}{', tiny' if args.tiny else ''})", rows, command.strip(), results=args.results,
+        compiled = "" if args.compile == "none" else f", torch.compile {args.compile}"  # a section of its own
+        write_results(f"{SECTION} ({device}{', tiny' if args.tiny else ''}{compiled})", rows, command.strip(), results=args.results,
                       notes=f"torch {torch.__version__}; settings: {', '.join(s.label for s in (TINY if args.tiny else FULL))}.")
     return 0
 

@@ -112,6 +112,8 @@ class PrepareConfig:
 # changes how or where it computes, not what (precision: only its rounding), so a checkpoint
 # written under another value resumes.
 GROUP, METHOD, RUNTIME = "group", "method", "runtime"
+# pretrain.compile's values: "none", or one of torch.compile's modes
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def _method(default: Any) -> Any:
@@ -172,6 +174,10 @@ class PretrainConfig:
     stage_dir: str = _runtime("")
     data_threads: int = _runtime(1)  # torch CPU threads of the background thread that makes the views
     precision: str = _runtime("auto")  # "auto" (bf16 where the device computes it natively), "bf16" or "fp32"
+    # torch.compile of the training model: "none", or a torch.compile mode ("default";
+    # "reduce-overhead" adds CUDA graphs; "max-autotune"). Fused kernels round differently, so a run
+    # is reproducible bit for bit only under one value of it, as under one precision
+    compile: str = _runtime("none")
     keep_checkpoints: int = _runtime(3)  # the last K checkpoints kept (the best by kNN accuracy is kept too)
     metrics_port: int = _runtime(0)  # Prometheus endpoint on this port + local rank (0 = off)
     metrics_pushgateway: str = _runtime("")  # Pushgateway address (host:port) to push to at epoch ends ("" = off)
@@ -206,6 +212,7 @@ class PretrainConfig:
         _check(self.knn_temperature > 0, "pretrain.knn_temperature", "> 0", self.knn_temperature)
         _check(self.knn_bank_size >= 0, "pretrain.knn_bank_size", ">= 0 (0 = all)", self.knn_bank_size)
         _check(self.knn_every >= 0, "pretrain.knn_every", ">= 0 (0 = no kNN pass)", self.knn_every)
+        _check(self.compile in COMPILE_MODES, "pretrain.compile", " or ".join(repr(m) for m in COMPILE_MODES), self.compile)
         _check(self.num_threads >= 0, "pretrain.num_threads", ">= 0 (0 = torch's default)", self.num_threads)
         _check(self.data_threads >= 1, "pretrain.data_threads", ">= 1", self.data_threads)
         _check(self.precision in ("auto", "bf16", "fp32"), "pretrain.precision", "'auto', 'bf16' or 'fp32'", self.precision)

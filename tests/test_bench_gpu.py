@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, cli_env
 
 MISSING_ON_THE_DEVICE = ("dvclive", "kfp", "google.cloud", "google.cloud.storage", "boto3")
@@ -47,3 +49,18 @@ def test_tiny_cpu_run_writes_every_row_and_keeps_the_other_sections(tmp_path):
             assert any(line.startswith(f"| {row}, {setting}, fp32 | ") for line in table), (row, setting)
     efficiency = next(line for line in table if "efficiency" in line).split("|")[2].strip().strip("*")
     assert float(efficiency) > 0
+
+
+@pytest.mark.slow
+def test_tiny_compiled_run_writes_a_section_of_its_own(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    run = subprocess.run(
+        [sys.executable, "-c", RUNNER.format(missing=MISSING_ON_THE_DEVICE), "--tiny", "--device", "cpu", "--compile", "default",
+         "--results", str(results)],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    section = results.read_text().split("## bench_gpu (cpu, tiny, torch.compile default)\n")[1]
+    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| measurement")]
+    assert len(table) == len(ROWS) * len(SETTINGS)
+    assert all(", fp32, torch.compile default | " in line for line in table)

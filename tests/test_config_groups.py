@@ -14,7 +14,7 @@ from simclr_core.config import GROUP, METHOD, RUNTIME, PretrainConfig, changed_m
 # the same numbers (the same rounding, for precision).
 RUNTIME_SETTINGS = {
     "checkpoint_every", "num_threads", "data_threads", "precision", "knn_k", "knn_temperature", "knn_bank_size",
-    "keep_checkpoints", "metrics_port", "metrics_pushgateway", "collective_timeout_s", "stage_dir", "knn_every",
+    "keep_checkpoints", "metrics_port", "metrics_pushgateway", "collective_timeout_s", "stage_dir", "knn_every", "compile",
 }
 
 

@@ -224,3 +224,38 @@ def test_knn_pass_runs_every_knn_every_epochs_and_at_the_last(tiny_prepared, tmp
     pretrain(_tiny_config(epochs=2, knn_every=0, checkpoint_every=0), tiny_prepared, tmp_path / "none", DistEnv())
     assert passes == []
 
+
+@pytest.mark.slow  # compiling takes about 30 s on 2 cores
+def test_compiled_model_trains_to_the_eager_runs_losses(tiny_prepared, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="simclr.pretrain"):
+        pretrain(_tiny_config(epochs=1, compile="default"), tiny_prepared, tmp_path / "compiled", DistEnv())
+    assert "torch.compile mode default" in caplog.text
+    pretrain(_tiny_config(epochs=1), tiny_prepared, tmp_path / "eager", DistEnv())
+    compiled, eager = _weights(tmp_path / "compiled" / "model.pt"), _weights(tmp_path / "eager" / "model.pt")
+    assert set(compiled) == set(eager)  # the plain model's names (no "_orig_mod." prefix): evaluation loads it
+    assert _first_epoch_loss(tmp_path / "compiled") == pytest.approx(_first_epoch_loss(tmp_path / "eager"), rel=1e-4)
+    for name, tensor in eager.items():
+        torch.testing.assert_close(compiled[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_compiled_two_processes_give_the_single_process_loss(tiny_prepared, tmp_path):
+    # torch.compile over DDP and GlobalBatchNorm's collectives (gloo): the graph breaks where it must
+    # and the global batch's loss is still the one process's
+    settings = [*TINY_PRETRAIN, "--epochs", "1", "--batch-size", "48", "--compile", "default"]
+    _one_and_two_processes(tiny_prepared, tmp_path, settings)
+    assert _first_epoch_loss(tmp_path / "two") == pytest.approx(_first_epoch_loss(tmp_path / "one"), rel=1e-4, abs=1e-5)
+
+
+def test_compile_without_a_compiler_exits_2_naming_the_setting(tiny_prepared, tmp_path):
+    # PATH holds only python's own directory: no g++, clang++ or c++ for inductor's CPU kernels
+    bare_path = tmp_path / "bin"
+    bare_path.mkdir()
+    (bare_path / "python").symlink_to(sys.executable)
+    env = {"PATH": str(bare_path), "CXX": "", "CC": ""}
+    result = run_cli("pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "run"), *TINY_PRETRAIN,
+                     "--epochs", "1", "--compile", "default", env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pretrain.compile 'default' needs a compiler" in result.stderr and "WITH_COMPILER=true" in result.stderr
+    assert not (tmp_path / "run" / "model.pt").exists()

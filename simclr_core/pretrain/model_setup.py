@@ -4,6 +4,8 @@ schedule, the augmentation policy, and the precision of the forward pass."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from typing import Any
 
 import torch
@@ -17,7 +19,12 @@ from simclr_core.pretrain.plan import Plan
 
 __all__ = [
     "model_config_for", "build_model", "training_model", "optimizer_for", "augment_config_for", "uses_bf16", "eval_uses_bf16",
+    "compiled",
 ]
+
+# What torch.compile's kernels are built with: C++ on a CPU (inductor), C for Triton's launchers on CUDA,
+# each tried as torch and Triton try them ($CXX / $CC first).
+_COMPILERS = {"cpu": ("CXX", ("g++", "clang++", "c++")), "cuda": ("CC", ("gcc", "clang", "cc"))}
 
 
 def model_config_for(config: PretrainConfig, image_size: int) -> dict[str, Any]:
@@ -101,3 +108,21 @@ def _cpu_has_native_bf16() -> bool:
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     except AttributeError:  # a torch build without these queries (not x86)
         return False
+
+
+def compiled(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """``model`` under torch.compile in ``mode`` (``pretrain.compile``), or itself for "none".
+
+    Compiling happens at the first step, minutes into a run; the compiler its kernels need is
+    checked here, before anything runs, so that its absence is a ConfigError that says what to do.
+    """
+    if mode == "none":
+        return model
+    variable, names = _COMPILERS.get(device.type, _COMPILERS["cuda"])
+    if not os.environ.get(variable) and not any(shutil.which(name) for name in names):
+        raise ConfigError(
+            f"pretrain.compile {mode!r} needs a compiler for torch.compile's kernels on {device.type} "
+            f"(${variable}, or one of {', '.join(names)} on PATH) and none was found: install one (the image: build it "
+            "with --build-arg WITH_COMPILER=true) or set pretrain.compile to 'none'"
+        )
+    return torch.compile(model, mode=mode)

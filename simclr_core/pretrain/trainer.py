@@ -20,7 +20,7 @@ from simclr_core.method.distributed import DistEnv
 from simclr_core.method.loss import NTXentLoss
 from simclr_core.method.random_streams import RandomStream, seeded_generator
 from simclr_core.pretrain.knn_probe import KnnProbe
-from simclr_core.pretrain.model_setup import augment_config_for, model_config_for, optimizer_for, training_model, uses_bf16
+from simclr_core.pretrain.model_setup import augment_config_for, compiled, model_config_for, optimizer_for, training_model, uses_bf16
 from simclr_core.pretrain.observers import DvcLiveMetrics, EpochLog, Observer, ProgressBar, PrometheusMetrics, StepDone
 from simclr_core.pretrain.plan import make_plan
 from simclr_core.pretrain.prefetch import Prefetcher
@@ -204,11 +204,13 @@ class Trainer:
         return state
 
     def _distributed_model(self) -> nn.Module:
-        """The model the steps run: wrapped in DistributedDataParallel on more than one process."""
-        if not self.env.is_distributed:
-            return self.model
-        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        """The model the steps run: wrapped in DistributedDataParallel on more than one process, then
+        compiled when ``pretrain.compile`` asks (checkpoints and the kNN pass use the plain model)."""
+        model = self.model
+        if self.env.is_distributed:
+            device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return compiled(model, self.config.compile, self.env.device)
 
     def _make_observers(self) -> list[Observer]:
         """The loop's observers, called (and closed) in the list's order.
@@ -220,9 +222,10 @@ class Trainer:
         dvclive = DvcLiveMetrics(self.out_dir, self.history, enabled=env.is_main)
         if env.is_main:
             log.info(
-                "pretraining %s on %d images: %d epochs x %d steps, global batch %d on %d process(es), lr %.4g, device %s, %s",
+                "pretraining %s on %d images: %d epochs x %d steps, global batch %d on %d process(es), lr %.4g, device %s, %s%s",
                 self.model_config["arch"], self.plan.num_images, config.epochs, self.plan.steps_per_epoch, config.batch_size,
                 env.world_size, self.plan.lr, env.device, "bf16 autocast" if self.bf16 else "fp32",
+                "" if config.compile == "none" else f", torch.compile mode {config.compile}",
             )
         progress = ProgressBar(self.plan.total_steps, self.step, config.batch_size, config.epochs, enabled=env.is_main)
         prometheus = PrometheusMetrics(env.rank, env.local_rank, config.metrics_port, config.metrics_pushgateway)
@@ -264,6 +267,8 @@ class Trainer:
 
         ``views``: (2 * local_batch, C, S, S), first views then second views. Returns the loss, a scalar.
         """
+        if self.config.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be overwritten
         with torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             _, z = train_model(views)
         loss = self.loss_fn(z[: self.plan.local_batch], z[self.plan.local_batch :])
