@@ -177,6 +177,8 @@ def _cmd_linear_eval(args: argparse.Namespace) -> int:
         "random_init_top5": baseline["top5"],
         "random_init_l2": baseline["l2"],
     }
+    if "knn_top1" in pretrained:
+        metrics.update(knn_top1=pretrained["knn_top1"], random_init_knn_top1=baseline["knn_top1"])
     names = results["class_names"]
     confusion = [
         {"actual": names[a], "predicted": names[p]}
@@ -185,9 +187,10 @@ def _cmd_linear_eval(args: argparse.Namespace) -> int:
     with staged_output(args.out) as out:
         write_json(out / "confusion.json", confusion)
         write_json(out / "metrics.json", metrics)
+    knn = f", kNN top-1 {100 * metrics['knn_top1']:.2f}% (random init {100 * metrics['random_init_knn_top1']:.2f}%)" if "knn_top1" in metrics else ""
     log.info(
-        "linear eval: top-1 %.2f%% (random init %.2f%%), top-5 %.2f%%",
-        100 * metrics["top1"], 100 * metrics["random_init_top1"], 100 * metrics["top5"],
+        "linear eval: top-1 %.2f%% (random init %.2f%%), top-5 %.2f%%%s",
+        100 * metrics["top1"], 100 * metrics["random_init_top1"], 100 * metrics["top5"], knn,
     )
     return EXIT_OK
 

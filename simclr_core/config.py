@@ -228,6 +228,10 @@ class LinearEvalConfig:
     augment_copies: int = 1  # crop + flip copies of the training images added to the clean ones
     batch_size: int = 1024  # feature extraction batch
     seed: int = 0
+    # weighted kNN of the test images' features among the training images' (k neighbours, 0 = none):
+    # the label-free figure SSL papers report beside linear eval (lightly's CIFAR-10 benchmarks)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         _check_magnitudes(self, "linear_eval")
@@ -236,6 +240,8 @@ class LinearEvalConfig:
         _check(self.augment_copies >= 0, "linear_eval.augment_copies", ">= 0", self.augment_copies)
         _check(self.batch_size >= 1, "linear_eval.batch_size", ">= 1", self.batch_size)
         _check(self.seed >= 0, "linear_eval.seed", ">= 0", self.seed)
+        _check(self.knn_k >= 0, "linear_eval.knn_k", ">= 0 (0 = no kNN)", self.knn_k)
+        _check(self.knn_temperature > 0, "linear_eval.knn_temperature", "> 0", self.knn_temperature)
 
 
 @dataclasses.dataclass

@@ -54,7 +54,10 @@ def _epoch_values(tsv: Path) -> list[tuple[int, float]]:
 
 
 def _linear(metrics: dict[str, Any], runs: Path) -> list[str]:
-    return [f"top-1 {_percent(metrics.get('top1'))}   random init {_percent(metrics.get('random_init_top1'))}"]
+    lines = [f"top-1 {_percent(metrics.get('top1'))}   random init {_percent(metrics.get('random_init_top1'))}"]
+    if "knn_top1" in metrics:
+        lines.append(f"kNN top-1 {_percent(metrics['knn_top1'])}   random init {_percent(metrics.get('random_init_knn_top1'))}")
+    return lines
 
 
 def _finetune(metrics: dict[str, Any], runs: Path) -> list[str]:

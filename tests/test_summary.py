@@ -57,3 +57,12 @@ def test_summary_names_the_epochs_of_a_metric_logged_every_few_epochs(tmp_path, 
     _write(runs / "pretrain/live/plots/metrics/knn_accuracy.tsv", "step\tknn_accuracy\n4\t0.5\n9\t0.75\n11\t0.81\n")
     assert main(["summary", "--runs", str(runs)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "pretrain     kNN accuracy on val 81.00% after epoch 12 (after epoch 5: 50.00%)"
+
+
+def test_summary_shows_linear_evals_knn_figure_when_it_was_computed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs / "linear_eval/metrics.json", {"top1": 0.8548, "random_init_top1": 0.2561, "knn_top1": 0.8012, "random_init_knn_top1": 0.3001})
+    assert main(["summary", "--runs", str(runs)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("linear eval  top-1 85.48%   random init 25.61%")
+    assert lines[at + 1] == "             kNN top-1 80.12%   random init 30.01%"

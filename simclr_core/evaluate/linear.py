@@ -18,6 +18,7 @@ from simclr_core.config import LinearEvalConfig
 from simclr_core.data import PreparedDataset
 from simclr_core.evaluate.common import labelled, load_pretrained, random_init_model, topk_accuracy
 from simclr_core.features import extract
+from simclr_core.knn import knn_accuracy
 from simclr_core.method.augment import AugmentConfig, BatchedAugment, batched_test_transform
 from simclr_core.method.models import SimCLRModel
 from simclr_core.method.random_streams import RandomStream, seeded_generator
@@ -94,9 +95,13 @@ def _select_and_fit(
 
 def linear_protocol(
     model: SimCLRModel, image_size: int, dataset: PreparedDataset, l2_grid: list[float], max_iter: int,
-    augment_copies: int, batch_size: int, seed: int, device: torch.device,
+    augment_copies: int, batch_size: int, seed: int, device: torch.device, knn_k: int = 0, knn_temperature: float = 0.1,
 ) -> dict[str, Any]:
-    """Frozen-feature logistic regression; returns accuracies, the chosen L2 and test predictions."""
+    """Frozen-feature logistic regression; returns accuracies, the chosen L2 and test predictions.
+
+    With ``knn_k`` > 0, also ``knn_top1``: the test images' weighted kNN accuracy (:mod:`simclr_core.knn`)
+    among the clean features of the labelled training images, computed on ``device``.
+    """
     model.eval()
     encoder = model.encoder
     test_transform = lambda x: batched_test_transform(x, image_size)  # noqa: E731
@@ -116,7 +121,7 @@ def linear_protocol(
     classifier, l2, scores = _select_and_fit(torch.cat(train_x), torch.cat(labels), val_x, val_y, dataset.num_classes, l2_grid, max_iter)
     with torch.no_grad():
         logits = classifier(test_x)
-    return {
+    results = {
         "top1": topk_accuracy(logits, test_y, 1),
         "top5": topk_accuracy(logits, test_y, 5),
         "l2": l2,
@@ -124,6 +129,10 @@ def linear_protocol(
         "predicted": logits.argmax(dim=1),
         "actual": test_y,
     }
+    if knn_k:
+        on_device = [t.to(device) for t in (train_x[0], train_y, test_x, test_y)]
+        results["knn_top1"] = knn_accuracy(*on_device[:2], *on_device[2:], dataset.num_classes, knn_k, knn_temperature)
+    return results
 
 
 def linear_eval(model_path: str | Path, data_dir: str | Path, config: LinearEvalConfig, device: torch.device) -> dict[str, Any]:
@@ -131,7 +140,8 @@ def linear_eval(model_path: str | Path, data_dir: str | Path, config: LinearEval
     dataset = PreparedDataset(data_dir)
     model, model_config = load_pretrained(model_path, device)
     image_size = model_config["image_size"]
-    args = (image_size, dataset, config.l2_grid, config.max_iter, config.augment_copies, config.batch_size, config.seed, device)
+    args = (image_size, dataset, config.l2_grid, config.max_iter, config.augment_copies, config.batch_size, config.seed, device,
+            config.knn_k, config.knn_temperature)
     pretrained = linear_protocol(model, *args)
     baseline = linear_protocol(random_init_model(model_config, config.seed, device), *args)
     return {
