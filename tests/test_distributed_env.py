@@ -77,12 +77,17 @@ def test_training_operator_master_and_worker_environment():
         _run_env_command({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank)}, [sys.executable])
         for rank in range(2)
     ]
-    reports = []
-    for pod in pods:
-        stdout, stderr = pod.communicate(timeout=120)
-        assert pod.returncode == 0, stderr
-        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout in _finished(pods)]
     assert [(r["rank"], r["world_size"], r["backend"]) for r in reports] == [(0, 2, "gloo"), (1, 2, "gloo")]
+
+
+def _finished(pods: list[subprocess.Popen]) -> list[str]:
+    """Each pod's stdout once all have exited; a failure shows every pod's stderr (one pod's crash
+    reads as "connection closed by peer" in the other's)."""
+    outputs = [pod.communicate(timeout=120) for pod in pods]
+    failed = [rank for rank, pod in enumerate(pods) if pod.returncode != 0]
+    assert not failed, "\n".join(f"--- rank {rank} (exit {pods[rank].returncode}):\n{outputs[rank][1][-3000:]}" for rank in range(len(pods)))
+    return [stdout for stdout, _ in outputs]
 
 
 @pytest.mark.multiproc
@@ -92,9 +97,7 @@ def test_elastic_pet_variables_are_accepted():
         _run_env_command({"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank)}, [sys.executable])
         for rank in range(2)
     ]
-    for pod in pods:
-        stdout, stderr = pod.communicate(timeout=120)
-        assert pod.returncode == 0, stderr
+    for stdout in _finished(pods):
         assert json.loads(stdout.strip().splitlines()[-1])["world_size"] == 2
 
 
