@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +43,27 @@ def cli_env(extra: dict | None = None) -> dict:
     return environment
 
 
+TEST_PARAMS = Path(__file__).with_name("params.yaml")
+
+
+@functools.cache
+def cli_cwd() -> Path:
+    """Where the tests run the CLI: a directory whose ./params.yaml (the CLI's default) is
+    tests/params.yaml, the tests' own settings. In the repository root the CLI would read the
+    project's params.yaml, and every test would change with it."""
+    directory = Path(tempfile.mkdtemp(prefix="simclr-tests-cwd-"))
+    shutil.copyfile(TEST_PARAMS, directory / "params.yaml")
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300, fault: tuple[str, int] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m simclr_core ARGS`` (with ``fault`` injected) without params.yaml; return the finished process."""
-    return subprocess.run(cli_argv(*args, fault=fault), cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+    """Run ``python -m simclr_core ARGS`` (with ``fault`` injected) in ``cwd`` (default :func:`cli_cwd`,
+    so with tests/params.yaml); return the finished process."""
+    return subprocess.run(cli_argv(*args, fault=fault), cwd=cwd or cli_cwd(), env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _pattern_image(label: int, index: int, size: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.multiproc import free_port
@@ -54,4 +55,6 @@ def run_like_a_pod(
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "1", "RANK": "0",
     }
     argv = [expand_like_the_kubelet(local(arg), env) for arg in [*container["command"], *container.get("args", [])]] + extra_args
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    # in an empty working directory, as the image's /workspace: the pod has no params.yaml to read
+    with tempfile.TemporaryDirectory(prefix="pod-workdir-") as workdir:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=workdir)

@@ -17,7 +17,7 @@ import torch
 
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
 from simclr_core.storage import LocalStore
-from tests.conftest import TINY_PRETRAIN, cli_argv, cli_env, run_cli
+from tests.conftest import TINY_PRETRAIN, cli_argv, cli_cwd, cli_env, run_cli
 from tests.multiproc import free_port
 
 # 54 training images, batch 16: 3 steps per epoch, 9 steps in all; checkpoints after steps
@@ -124,6 +124,7 @@ def _launch_job(data: Path, out: Path, fault: tuple[str, int] | None, port: int)
         env = cli_env(dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0", FAULT_RANK="1"))
         processes.append(subprocess.Popen(
             cli_argv(*_cli_args(data, out), fault=fault), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=cli_cwd(),
         ))
     return processes
 
@@ -168,7 +169,7 @@ def test_torchrun_restarts_the_group_when_one_process_dies_and_the_run_ends_iden
     def torchrun(out: Path, fault: list[str], env: dict) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
                    "-m", *fault, *_cli_args(tiny_prepared, out)]
-        return subprocess.run(command, env=cli_env(env), capture_output=True, text=True, timeout=600)
+        return subprocess.run(command, env=cli_env(env), capture_output=True, text=True, timeout=600, cwd=cli_cwd())
 
     reference = torchrun(tmp_path / "reference", ["simclr_core"], {})
     assert reference.returncode == 0, reference.stderr[-3000:]

@@ -24,7 +24,7 @@ from simclr_core.config import ConfigError
 from simclr_core.method.distributed import DistEnv
 from simclr_core.monitoring import TrainingMonitor
 from simclr_core.pretrain import observers, pretrain
-from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
+from tests.conftest import DIST_VARS, TINY_PRETRAIN, cli_cwd, run_cli
 from tests.multiproc import free_port
 from tests.test_pretrain_resume import _tiny_config
 
@@ -70,7 +70,7 @@ def _wait_for(check, timeout: float, what: str, process: subprocess.Popen | None
 def _start(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """Start ``args`` with stdout and stderr going to ``log_path`` (a file: a pipe nobody reads could fill up)."""
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cli_cwd())  # tests/params.yaml
     process.log_path = log_path
     return process
 

@@ -17,7 +17,7 @@ from simclr_core.method.distributed import DistEnv
 from simclr_core.method.optim import LARS
 from simclr_core.pretrain import model_setup, pretrain
 from simclr_core.storage import LocalStore
-from tests.conftest import DIST_VARS, TINY_PRETRAIN, run_cli
+from tests.conftest import DIST_VARS, TINY_PRETRAIN, cli_cwd, run_cli
 from tests.multiproc import free_port
 
 
@@ -119,7 +119,7 @@ def _one_and_two_processes(data, tmp_path, settings: list[str]) -> None:
     double = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "simclr_core", "pretrain", "--data", str(data), "--out", str(tmp_path / "two"), "--device", "cpu", *settings],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=600, cwd=cli_cwd(),  # tests/params.yaml, as run_cli
     )
     assert double.returncode == 0, double.stderr
     assert "2 process(es)" in double.stderr
