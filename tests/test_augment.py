@@ -369,9 +369,18 @@ def test_accelerator_jitter_and_blur_equal_the_cpus_row_picking(channels):
 
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_views_made_off_the_cpu_need_no_host_sync(channels):
+def test_views_made_off_the_cpu_need_no_host_sync(channels, monkeypatch):
     # Meta tensors have shapes and no values: an op whose output shape depends on the data (a
     # nonzero, a boolean index) cannot run on them, exactly the ops that make a GPU's host wait.
+    # The other kind, a tensor built from Python values on the device (a copy from pageable host
+    # memory, which waits for the stream), is refused here by hand.
+    real_tensor = torch.tensor
+
+    def host_values_only(*args, device=None, **kwargs):
+        assert device is None or torch.device(device).type == "cpu", "a tensor copied from host values onto the device"
+        return real_tensor(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", host_values_only)
     augment = BatchedAugment(AugmentConfig(size=24, strength=1.0, blur=True))
     params = augment.sample_params(8, 32, 32, torch.Generator().manual_seed(0))
     images = torch.zeros(8, channels, 32, 32, dtype=torch.uint8, device="meta")

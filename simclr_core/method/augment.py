@@ -519,7 +519,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     numerator = torch.where(r == max_c, g - b, torch.where(g == max_c, 2.0 * chroma + b - r, 4.0 * chroma + r - g))
     hue6 = numerator / torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # 6H, in [-1, 5]
     hue6 = hue6 + 6.0 * shift.to(x.dtype).view(-1, 1, 1)
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    # n = 5, 3, 1, made on the device: a tensor from a Python list is a host-to-device copy, which on a GPU waits for the stream
+    offsets = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(hue6.unsqueeze(1) + offsets, 6.0)  # (B, 3, H, W)
     ramp = (2.0 - (k - 2.0).abs_()).clamp_(0.0, 1.0)
     return max_c.unsqueeze(1) - chroma.unsqueeze(1) * ramp
