@@ -14,23 +14,46 @@ __all__ = ["knn_predict", "knn_accuracy"]
 
 @torch.no_grad()
 def knn_predict(
-    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 200, temperature: float = 0.1,
+    chunk: int = 1024, bank_chunk: int = 65536, device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Predicted labels (Q,) of ``queries`` (Q, D) from ``bank`` (M, D) with labels (M,)."""
-    bank = F.normalize(bank.float(), dim=1)
+    """Predicted labels (Q,) of ``queries`` (Q, D) from ``bank`` (M, D) with labels (M,), on ``device``
+    (default: the queries').
+
+    The bank is read ``bank_chunk`` rows at a time, each normalised and moved to ``device`` on its
+    own, and every chunk's k best neighbours merge into a running top-k: memory stays at
+    ``chunk`` x ``bank_chunk`` similarities, whatever M (ImageNet's 1.28M x 2048 bank stays where it is).
+    """
+    device = device or queries.device
     k = min(k, bank.shape[0])
     predictions = []
     for start in range(0, queries.shape[0], chunk):
-        query = F.normalize(queries[start : start + chunk].float(), dim=1)
-        similarity, index = (query @ bank.T).topk(k, dim=1)  # (q, k)
-        weights = (similarity / temperature).exp()
-        votes = torch.zeros(query.shape[0], num_classes, device=query.device)
-        votes.scatter_add_(1, bank_labels[index], weights)
-        predictions.append(votes.argmax(dim=1))
+        query = F.normalize(queries[start : start + chunk].to(device).float(), dim=1)
+        similarity, labels = _nearest(bank, bank_labels, query, k, bank_chunk)  # (q, k) each
+        votes = torch.zeros(query.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, labels, (similarity / temperature).exp())
+        predictions.append(votes.argmax(dim=1).to(queries.device))
     return torch.cat(predictions)
 
 
-def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes: int, k: int = 200, temperature: float = 0.1) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of :func:`knn_predict`."""
-    predicted = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return (predicted == query_labels).float().mean().item()
+def _nearest(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, k: int, bank_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, labels), each (q, k): the k bank rows most similar to each normalised query row."""
+    best = best_labels = None
+    for start in range(0, bank.shape[0], bank_chunk):
+        rows = F.normalize(bank[start : start + bank_chunk].to(query.device).float(), dim=1)
+        similarity, index = (query @ rows.T).topk(min(k, rows.shape[0]), dim=1)  # this chunk's best
+        labels = bank_labels[start : start + bank_chunk].to(query.device)[index]
+        if best is not None:  # merged with the chunks before
+            similarity, labels = torch.cat([best, similarity], dim=1), torch.cat([best_labels, labels], dim=1)
+            similarity, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
+            labels = labels.gather(1, index)
+        best, best_labels = similarity, labels
+    return best, best_labels
+
+
+def knn_accuracy(
+    bank, bank_labels, queries, query_labels, num_classes: int, k: int = 200, temperature: float = 0.1, device: torch.device | None = None,
+) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of :func:`knn_predict` (on ``device``, default the queries')."""
+    predicted = knn_predict(bank, bank_labels, queries, num_classes, k, temperature, device=device)
+    return (predicted == query_labels.to(predicted.device)).float().mean().item()

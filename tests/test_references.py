@@ -39,6 +39,8 @@ def test_knn_equals_a_brute_force_weighted_vote(k, temperature):
     queries = torch.randn(37, 8, generator=generator)
     expected = _brute_force_knn(bank, bank_labels, queries, 4, k, temperature)
     assert knn_predict(bank, bank_labels, queries, 4, k=k, temperature=temperature, chunk=10).tolist() == expected
+    # the bank read in chunks smaller than k, and than the bank: the running top-k is the whole bank's
+    assert knn_predict(bank, bank_labels, queries, 4, k=k, temperature=temperature, chunk=10, bank_chunk=7).tolist() == expected
     query_labels = torch.tensor(expected)
     query_labels[:5] = (query_labels[:5] + 1) % 4  # five wrong on purpose
     assert knn_accuracy(bank, bank_labels, queries, query_labels, 4, k=k, temperature=temperature) == pytest.approx(32 / 37)
