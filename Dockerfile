@@ -18,8 +18,9 @@
 #                        for the build stage only (a mirror, a local wheel directory, a CA
 #                        bundle for a TLS-intercepting proxy); unset = PyPI
 #   SIMCLR_UID           the numeric user the image runs as (the manifests' runAsUser)
-#   WITH_COMPILER        "true" adds g++ (with gcc): what pretrain.compile (torch.compile)
-#                        builds its kernels with; "false" (default) keeps the image smaller
+#   WITH_COMPILER        "true" adds g++ (with gcc) and, where missing, Python's headers: what
+#                        pretrain.compile (torch.compile) builds its kernels with; "false"
+#                        (default) keeps the image smaller
 # checkov:skip=CKV_DOCKER_7:FROM names the BASE_IMAGE build argument, whose default python:3.11-slim is a fixed tag (checkov does not resolve ARG defaults)
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -83,11 +84,14 @@ RUN groupadd --gid "${SIMCLR_UID}" simclr \
 # pipeline's default run (source=fashion-mnist, no source_uri) then works in a cluster that
 # reaches no dataset mirror. The version is the one Debian's release carries (it has not
 # changed since 2020), so it is not pinned: a pin would break on the next Debian release.
-# With WITH_COMPILER=true, g++ too (Debian's, unpinned for the same reason).
+# With WITH_COMPILER=true, g++ too, and Python's C headers where the base lacks them (python:*
+# images have them; Debian's python3 does not): torch.compile's kernels include Python.h.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends dataset-fashion-mnist \
-    && if [ "${WITH_COMPILER}" = "true" ]; then apt-get install -y --no-install-recommends g++; fi \
+    && if [ "${WITH_COMPILER}" = "true" ]; then apt-get install -y --no-install-recommends g++ \
+        && { python3 -c 'import os, sysconfig; raise SystemExit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+             || apt-get install -y --no-install-recommends python3-dev; }; fi \
     && rm -rf /var/lib/apt/lists/* \
     && test -s /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 

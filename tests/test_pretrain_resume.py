@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simclr_core.checkpoint import CheckpointManager, load_checkpoint
-from simclr_core.config import PretrainConfig
+from simclr_core.config import ConfigError, PretrainConfig
 from simclr_core.method.distributed import DistEnv
 from simclr_core.method.optim import LARS
 from simclr_core.pretrain import model_setup, pretrain
@@ -257,5 +257,14 @@ def test_compile_without_a_compiler_exits_2_naming_the_setting(tiny_prepared, tm
     result = run_cli("pretrain", "--data", str(tiny_prepared), "--out", str(tmp_path / "run"), *TINY_PRETRAIN,
                      "--epochs", "1", "--compile", "default", env=env)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "pretrain.compile 'default' needs a compiler" in result.stderr and "WITH_COMPILER=true" in result.stderr
+    assert "pretrain.compile 'default' builds torch.compile's kernels on cpu, which needs a compiler" in result.stderr
+    assert "WITH_COMPILER=true" in result.stderr
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_compile_without_pythons_headers_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    # inductor's CPU kernels and Triton's launcher both include Python.h: a base image without
+    # python3-dev would otherwise fail at the first step, minutes into the run
+    monkeypatch.setattr(model_setup.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"needs Python's C headers .*python3-dev"):
+        model_setup.compiled(torch.nn.Linear(2, 2), "default", torch.device("cpu"))

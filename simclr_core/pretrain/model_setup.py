@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,10 +121,15 @@ def compiled(model: torch.nn.Module, mode: str, device: torch.device) -> torch.n
     if mode == "none":
         return model
     variable, names = _COMPILERS.get(device.type, _COMPILERS["cuda"])
+    missing = []
     if not os.environ.get(variable) and not any(shutil.which(name) for name in names):
+        missing.append(f"a compiler (${variable}, or one of {', '.join(names)} on PATH)")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not headers.is_file():  # both inductor's CPU kernels and Triton's launcher include it
+        missing.append(f"Python's C headers ({headers}; Debian: python3-dev)")
+    if missing:
         raise ConfigError(
-            f"pretrain.compile {mode!r} needs a compiler for torch.compile's kernels on {device.type} "
-            f"(${variable}, or one of {', '.join(names)} on PATH) and none was found: install one (the image: build it "
-            "with --build-arg WITH_COMPILER=true) or set pretrain.compile to 'none'"
+            f"pretrain.compile {mode!r} builds torch.compile's kernels on {device.type}, which needs {' and '.join(missing)}: "
+            "install them (the image: build it with --build-arg WITH_COMPILER=true) or set pretrain.compile to 'none'"
         )
     return torch.compile(model, mode=mode)
