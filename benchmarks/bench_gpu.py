@@ -136,9 +136,12 @@ class _SyncCountingTrainer(_LoopTrainer):
     prefetch thread's syncs during those steps count too."""
 
     counted_steps = 0
+    # steps not counted first: under torch.compile the first steps compile (and, for reduce-overhead,
+    # warm up and record CUDA graphs), which syncs as a step never does afterwards
+    uncounted_first = 0
 
     def _step_and_observe(self, *args) -> None:
-        if (self.step + 1) % self.plan.steps_per_epoch:
+        if (self.step + 1) % self.plan.steps_per_epoch and self.step >= self.uncounted_first:
             type(self).counted_steps += 1
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -152,6 +155,7 @@ def syncs_per_step(data: Path, setting: Setting, env: DistEnv, args: argparse.Na
     if env.device.type != "cuda":
         return None
     _SyncCountingTrainer.counted_steps = 0
+    _SyncCountingTrainer.uncounted_first = 0 if args.compile == "none" else 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         end_to_end(data, setting.config(epochs=1, compile_mode=args.compile), env, _SyncCountingTrainer)
