@@ -37,7 +37,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 def _pretrain(metrics: dict[str, Any], runs: Path) -> list[str]:
     passes = _epoch_values(runs / "pretrain" / "live" / "plots" / "metrics" / "knn_accuracy.tsv")
     first = f" (after epoch {passes[0][0]}: {_percent(passes[0][1])})" if len(passes) > 1 else ""
-    epoch = metrics.get("epoch", passes[-1][0] if passes else 0)  # counted from 1
+    epoch = passes[-1][0] if passes else metrics.get("epoch", 0)  # of the last pass (counted from 1), whose figure metrics holds
     return [f"kNN accuracy on val {_percent(metrics.get('knn_accuracy'))} after epoch {epoch}{first}"]
 
 

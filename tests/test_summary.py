@@ -66,3 +66,11 @@ def test_summary_shows_linear_evals_knn_figure_when_it_was_computed(tmp_path, ca
     lines = capsys.readouterr().out.splitlines()
     at = lines.index("linear eval  top-1 85.48%   random init 25.61%")
     assert lines[at + 1] == "             kNN top-1 80.12%   random init 30.01%"
+
+
+def test_summary_names_the_epoch_of_the_last_knn_pass_of_a_run_stopped_between_passes(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs / "pretrain/live/metrics.json", {"epoch": 12, "step": 11, "knn_accuracy": 0.75})  # DVCLive keeps the last logged
+    _write(runs / "pretrain/live/plots/metrics/knn_accuracy.tsv", "step\tknn_accuracy\n4\t0.5\n9\t0.75\n")
+    assert main(["summary", "--runs", str(runs)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "pretrain     kNN accuracy on val 75.00% after epoch 10 (after epoch 5: 50.00%)"
