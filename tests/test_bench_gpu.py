@@ -17,23 +17,27 @@ ROWS = (
 )
 SETTINGS = ("tiny ResNet-18 (width 1/8), 16 px, CIFAR stem, B=8", "tiny ResNet-50 (width 1/8), 32 px, B=4, blur on")
 
-# the script run as `python benchmarks/bench_gpu.py ARGS`, with the modules the device machine lacks made unimportable
-RUNNER = """
+_RUNNER = """
 import runpy, sys
 for name in {missing!r}:
     sys.modules[name] = None
 sys.path.insert(0, "benchmarks")
-sys.argv = ["benchmarks/bench_gpu.py", *sys.argv[1:]]
-runpy.run_path("benchmarks/bench_gpu.py", run_name="__main__")
+sys.argv = ["benchmarks/{script}", *sys.argv[1:]]
+runpy.run_path("benchmarks/{script}", run_name="__main__")
 """
+
+
+def as_on_the_device(script: str) -> list[str]:
+    """The argv that runs ``benchmarks/SCRIPT`` as ``python benchmarks/SCRIPT`` (the caller appends its
+    arguments) with the modules the device machine lacks made unimportable."""
+    return [sys.executable, "-c", _RUNNER.format(missing=MISSING_ON_THE_DEVICE, script=script)]
 
 
 def test_tiny_cpu_run_writes_every_row_and_keeps_the_other_sections(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## bench_other\n\n| measurement | value | note |\n|---|---|---|\n| x | 1 | y |\n")
-    code = RUNNER.format(missing=MISSING_ON_THE_DEVICE)
     run = subprocess.run(
-        [sys.executable, "-c", code, "--tiny", "--device", "cpu", "--results", str(results)],
+        [*as_on_the_device("bench_gpu.py"), "--tiny", "--device", "cpu", "--results", str(results)],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -55,7 +59,7 @@ def test_tiny_cpu_run_writes_every_row_and_keeps_the_other_sections(tmp_path):
 def test_tiny_compiled_run_writes_a_section_of_its_own(tmp_path):
     results = tmp_path / "RESULTS.md"
     run = subprocess.run(
-        [sys.executable, "-c", RUNNER.format(missing=MISSING_ON_THE_DEVICE), "--tiny", "--device", "cpu", "--compile", "default",
+        [*as_on_the_device("bench_gpu.py"), "--tiny", "--device", "cpu", "--compile", "default",
          "--results", str(results)],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
     )

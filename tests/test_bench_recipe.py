@@ -4,19 +4,10 @@ nothing the device machine lacks, and a second call on the same --work continues
 from __future__ import annotations
 
 import subprocess
-import sys
 
 from tests.conftest import REPO, cli_env
-from tests.test_bench_gpu import MISSING_ON_THE_DEVICE
+from tests.test_bench_gpu import as_on_the_device
 
-RUNNER = """
-import runpy, sys
-for name in {missing!r}:
-    sys.modules[name] = None
-sys.path.insert(0, "benchmarks")
-sys.argv = ["benchmarks/bench_recipe.py", *sys.argv[1:]]
-runpy.run_path("benchmarks/bench_recipe.py", run_name="__main__")
-"""
 ROWS = (
     "prepare", "pretrain, resnet18 x 0.125, 2 epochs at B=16", "pretrain speed, last epoch", "kNN on val at the last epoch (the monitor)",
     "linear eval top-1 on test", "kNN top-1 on test (bank: every training image)", "linear eval (both encoders, kNN included)",
@@ -25,7 +16,7 @@ ROWS = (
 
 def _run(results, work) -> dict[str, tuple[str, str]]:
     run = subprocess.run(
-        [sys.executable, "-c", RUNNER.format(missing=MISSING_ON_THE_DEVICE), "--tiny", "--device", "cpu", "--work", str(work),
+        [*as_on_the_device("bench_recipe.py"), "--tiny", "--device", "cpu", "--work", str(work),
          "--results", str(results)],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600,
     )
