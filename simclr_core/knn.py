@@ -20,35 +20,38 @@ def knn_predict(
     """Predicted labels (Q,) of ``queries`` (Q, D) from ``bank`` (M, D) with labels (M,), on ``device``
     (default: the queries').
 
-    The bank is read ``bank_chunk`` rows at a time, each normalised and moved to ``device`` on its
-    own, and every chunk's k best neighbours merge into a running top-k: memory stays at
-    ``chunk`` x ``bank_chunk`` similarities, whatever M (ImageNet's 1.28M x 2048 bank stays where it is).
+    The bank is read once, ``bank_chunk`` rows at a time, each normalised and moved to ``device`` on
+    its own; every chunk's k best neighbours of each ``chunk`` of queries merge into that chunk's
+    running top-k. Memory stays at ``chunk`` x ``bank_chunk`` similarities plus Q x k kept, whatever M
+    (ImageNet's 1.28M x 2048 bank stays where it is).
     """
     device = device or queries.device
     k = min(k, bank.shape[0])
+    query_chunks = F.normalize(queries.to(device).float(), dim=1).split(chunk)
+    kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(query_chunks)  # (similarities, labels), each (q, k)
+    for start in range(0, bank.shape[0], bank_chunk):
+        rows = F.normalize(bank[start : start + bank_chunk].to(device).float(), dim=1)
+        labels = bank_labels[start : start + bank_chunk].to(device)
+        for number, query in enumerate(query_chunks):
+            similarity, index = (query @ rows.T).topk(min(k, rows.shape[0]), dim=1)  # this bank chunk's best
+            kept[number] = _merged(kept[number], similarity, labels[index], k)
     predictions = []
-    for start in range(0, queries.shape[0], chunk):
-        query = F.normalize(queries[start : start + chunk].to(device).float(), dim=1)
-        similarity, labels = _nearest(bank, bank_labels, query, k, bank_chunk)  # (q, k) each
+    for query, (similarity, labels) in zip(query_chunks, kept):
         votes = torch.zeros(query.shape[0], num_classes, device=device)
         votes.scatter_add_(1, labels, (similarity / temperature).exp())
         predictions.append(votes.argmax(dim=1).to(queries.device))
     return torch.cat(predictions)
 
 
-def _nearest(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, k: int, bank_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(similarities, labels), each (q, k): the k bank rows most similar to each normalised query row."""
-    best = best_labels = None
-    for start in range(0, bank.shape[0], bank_chunk):
-        rows = F.normalize(bank[start : start + bank_chunk].to(query.device).float(), dim=1)
-        similarity, index = (query @ rows.T).topk(min(k, rows.shape[0]), dim=1)  # this chunk's best
-        labels = bank_labels[start : start + bank_chunk].to(query.device)[index]
-        if best is not None:  # merged with the chunks before
-            similarity, labels = torch.cat([best, similarity], dim=1), torch.cat([best_labels, labels], dim=1)
-            similarity, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
-            labels = labels.gather(1, index)
-        best, best_labels = similarity, labels
-    return best, best_labels
+def _merged(
+    kept: tuple[torch.Tensor, torch.Tensor] | None, similarity: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the neighbours ``kept`` so far and a new chunk's (``similarity``, ``labels``), each (q, n)."""
+    if kept is None:
+        return similarity, labels
+    similarity, labels = torch.cat([kept[0], similarity], dim=1), torch.cat([kept[1], labels], dim=1)
+    similarity, index = similarity.topk(min(k, similarity.shape[1]), dim=1)
+    return similarity, labels.gather(1, index)
 
 
 def knn_accuracy(
