@@ -103,7 +103,7 @@ def make_dataset(root: Path, setting: Setting) -> Path:
     return out
 
 
-class _LoopTrainer(Trainer):
+class LoopTrainer(Trainer):
     """`simclr pretrain`'s loop with the observers the device machine can run (no DVCLive)."""
 
     def _make_observers(self) -> list[Observer]:
@@ -116,7 +116,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def end_to_end(data: Path, config: PretrainConfig, env: DistEnv, trainer_cls: type[Trainer] = _LoopTrainer) -> tuple[float, float, float]:
+def end_to_end(data: Path, config: PretrainConfig, env: DistEnv, trainer_cls: type[Trainer] = LoopTrainer) -> tuple[float, float, float]:
     """(images/s, data-wait share, peak memory in MiB) of the last epoch of the trainer's loop."""
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -130,7 +130,7 @@ def end_to_end(data: Path, config: PretrainConfig, env: DistEnv, trainer_cls: ty
     return results["images_per_second"], results["data_wait_fraction"], peak
 
 
-class _SyncCountingTrainer(_LoopTrainer):
+class _SyncCountingTrainer(LoopTrainer):
     """The loop with torch's sync debug mode on for every step but an epoch's last (whose end
     saves a checkpoint, which copies the weights to the host). The mode is process-wide: the
     prefetch thread's syncs during those steps count too."""
