@@ -16,8 +16,9 @@ def linear_eval(
 ):
     """Logistic regression on the frozen encoder's features of ``data`` (L2 chosen on val),
     scored on test: ``metrics`` top1/top5, knn_top1 (the test images' weighted kNN among the
-    training images) and the random-init baseline's, ``confusion`` the test confusion matrix. ``model``: a pretrain Model artifact (directory with model.pt) or
-    a model.pt file. ``settings``: `simclr linear-eval` options by params.yaml name."""
+    training images) and the random-init baseline's, ``confusion`` the test confusion matrix.
+    ``model``: a pretrain Model artifact (directory with model.pt) or a model.pt file.
+    ``settings``: `simclr linear-eval` options by params.yaml name."""
     import os
     import tempfile
 
